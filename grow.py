@@ -1,0 +1,248 @@
+"""
+Grow a model, and its AdamW state, to a larger GPTConfig while it computes the same function.
+
+The rule (DESIGN.md section 3): in every new path zero exactly one side, the side that
+*writes* into something the old model already reads, and draw the other side, so the
+function is kept and every new weight gets a gradient at the first step.
+
+    growth        new parts                                 init
+    depth         a whole block                             wo, w2 zero; wq wk wv w1 w3 drawn; norms 1
+    heads         rows of wq wk wv, columns of wo           rows drawn; wo columns zero
+    FFN hidden    rows of w1 w3, columns of w2              rows drawn; w2 columns zero
+    model dim d   embedding columns, rows of wo w2          zero (the new dims start at 0)
+                  input columns of wq wk wv w1 w3 lm_head   drawn
+                  RMSNorm gains                             old * sqrt(d_old/d_new), new entries
+                                                            sqrt(d_old/d_new), eps * d_old/d_new
+    vocabulary    embedding rows                            mean of the token's old-tier pieces
+                  lm_head rows                              zero (old logits unchanged)
+
+Old blocks keep their values (except the RMSNorm factor) and their Adam state bit for bit;
+new blocks are a new generation and start with no Adam state (step 0).
+
+As a library:  model, optim_state = grow_model(model, new_config, optim_state, tokenizer=tok)
+As a CLI:      python grow.py --ckpt out/stage1/ckpt.pt --out out/grown/ckpt.pt --n_layer=12 --n_head=6
+"""
+
+import argparse
+import math
+import re
+from dataclasses import asdict, replace
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from model import GPT, Block, Growable, GPTConfig, assemble, block_generation, block_order, \
+    load_checkpoint, model_from_checkpoint, save_checkpoint
+
+INIT_STD = 0.02  # drawn parts use the fresh model's init
+zero = nn.init.zeros_
+draw = partial(nn.init.normal_, std=INIT_STD)
+
+# (new rows, new columns) of each weight in a layer, as in the table above
+LAYER_RULES = {
+    "attn.wq": (draw, draw), "attn.wk": (draw, draw), "attn.wv": (draw, draw), "attn.wo": (zero, zero),
+    "ffn.w1": (draw, draw), "ffn.w3": (draw, draw), "ffn.w2": (zero, zero),
+}
+
+
+class GrowError(ValueError):
+    pass
+
+
+def check_growth(old, new, tokenizer=None):
+    for axis in ("vocab_size", "n_layer", "n_head", "ffn_hidden"):
+        if getattr(new, axis) < getattr(old, axis):
+            raise GrowError(f"cannot shrink {axis} from {getattr(old, axis)} to {getattr(new, axis)}; "
+                            f"growth only adds (pass {axis} >= {getattr(old, axis)})")
+    if new.head_dim != old.head_dim:
+        raise GrowError(f"head_dim must stay {old.head_dim} (asked {new.head_dim}); "
+                        "grow width with n_head instead")
+    if new.rope_theta != old.rope_theta:
+        raise GrowError(f"rope_theta must stay {old.rope_theta}: changing it changes the function")
+    if tokenizer is not None and new.vocab_size > tokenizer.vocab_size:
+        raise GrowError(f"vocab_size {new.vocab_size} is larger than the tokenizer's "
+                        f"{tokenizer.vocab_size}; pass vocab_size <= {tokenizer.vocab_size}")
+
+
+def grow_norm(norm, d_new, gen):
+    """Scale the old gains by sqrt(d_old/d_new): the zero new dims lower the RMS by exactly that."""
+    scale = math.sqrt(norm.shape[0] / d_new)
+    with torch.no_grad():
+        for block in norm.parameters():
+            block.mul_(scale)
+    norm.grow((d_new,), gen, init_rows=partial(nn.init.constant_, val=scale), init_cols=None)
+
+
+def grow_layer(block, c, gen):
+    """Widen an existing layer to config c (heads, FFN hidden, model dim)."""
+    d, hd = c.n_embd, c.n_head * c.head_dim
+    shapes = {"attn.wq": (hd, d), "attn.wk": (hd, d), "attn.wv": (hd, d), "attn.wo": (d, hd),
+              "ffn.w1": (c.ffn_hidden, d), "ffn.w3": (c.ffn_hidden, d), "ffn.w2": (d, c.ffn_hidden)}
+    for name, (init_rows, init_cols) in LAYER_RULES.items():
+        block.get_submodule(name).grow(shapes[name], gen, init_rows, init_cols)
+    grow_norm(block.attn_norm, d, gen)
+    grow_norm(block.ffn_norm, d, gen)
+    block.attn.n_head = c.n_head
+
+
+def new_layer(c, gen, init, source):
+    """A layer of generation `gen`: the identity (`zero`) or a copy of `source` (`copy`)."""
+    ref = next(source.parameters())
+    block = Block(c, gen).to(device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        for name, g in block.named_modules():
+            if not isinstance(g, Growable):
+                continue
+            (p,) = g.parameters()
+            if init == "copy":
+                p.copy_(source.get_submodule(name).weight)
+            elif p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                LAYER_RULES[name][0](p)  # a new layer is all "new rows": writers zero, readers drawn
+    return block
+
+
+def insertion_points(n_old, n_new, place):
+    """Old-layer index after which each new layer goes (-1: none; n_old - 1: on top)."""
+    n_add = n_new - n_old
+    if place == "top":
+        return [n_old - 1] * n_add
+    if place == "interleave":  # spread evenly through the stack
+        return [max((j + 1) * n_old // n_add - 1, 0) for j in range(n_add)]
+    raise GrowError(f"layer_place must be 'top' or 'interleave', not {place!r}")
+
+
+def vocab_rows_init(emb, tokenizer, vocab_init):
+    """Init of new embedding rows: the mean of the old-tier pieces of each new token."""
+    v_old = emb.shape[0]
+    if vocab_init == "random":
+        return draw
+    if vocab_init != "mean":
+        raise GrowError(f"vocab_init must be 'mean' or 'random', not {vocab_init!r}")
+    if tokenizer is None:
+        raise GrowError("vocab_init='mean' needs the tokenizer; pass one or use vocab_init='random'")
+    old = emb.weight.detach()
+
+    def init(rows):  # rows: (v_new - v_old, d_new); the new dims of old rows are zero, so of the mean too
+        rows.zero_()
+        for i in range(rows.shape[0]):
+            pieces = tokenizer.old_tier_pieces(v_old + i, v_old)
+            rows[i, :old.shape[1]] = old[pieces].mean(0)
+    return init
+
+
+@torch.no_grad()
+def grow_model(model, new_config, optim_state=None, *, gen=None, tokenizer=None,
+               layer_place="top", layer_init="zero", vocab_init="mean"):
+    """Grow model in place (no second copy at 7B) and return (model, optim_state keyed by the
+    grown model's parameter names). optim_state maps parameter name -> AdamW state; the old
+    tensors are kept as they are, and new blocks get no entry (they start at step 0)."""
+    old = model.config
+    check_growth(old, new_config, tokenizer)
+    if layer_init not in ("zero", "copy"):
+        raise GrowError(f"layer_init must be 'zero' or 'copy', not {layer_init!r}")
+    old_names = {id(p): n for n, p in model.named_parameters()}
+    gen = max(model.generations()) + 1 if gen is None else gen
+    # with eps scaled like the squares' mean, the zero new dims leave every RMSNorm exact
+    c = replace(new_config, norm_eps=old.norm_eps * old.n_embd / new_config.n_embd)
+    d = c.n_embd
+
+    for block in model.layers:
+        grow_layer(block, c, gen)
+        block.eps = c.norm_eps
+    grow_norm(model.norm, d, gen)
+    model.tok_emb.grow((c.vocab_size, d), gen, vocab_rows_init(model.tok_emb, tokenizer, vocab_init), zero)
+    model.lm_head.grow((c.vocab_size, d), gen, zero, draw)
+
+    if c.n_layer > old.n_layer:
+        layers = list(model.layers)
+        for after in reversed(insertion_points(old.n_layer, c.n_layer, layer_place)):
+            layers.insert(after + 1, new_layer(c, gen, layer_init, source=layers[after]))
+        model.layers = nn.ModuleList(layers)
+
+    model.config = c
+    model.init_rope()  # block_size may have changed
+    optim_state = optim_state or {}  # re-keyed by name: inserted layers shift the old names
+    return model, {name: optim_state[old_names[id(p)]] for name, p in model.named_parameters()
+                   if old_names.get(id(p)) in optim_state}
+
+
+@torch.no_grad()
+def condense(model, upto, optim_state=None):
+    """In place, merge every block of generation <= upto into one block of generation `upto`, so a
+    long-grown model runs as fast as a fresh one. Their schedules should have met (for
+    example all at min LR): the merged block follows generation `upto`'s schedule.
+    Adam moments are glued like the weights; the merged step count is the smallest."""
+    optim_state = dict(optim_state or {})
+    for mname, g in model.named_modules():
+        if not isinstance(g, Growable):
+            continue
+        blocks = list(g._parameters.items())
+        merged = [(n, p) for n, p in blocks if block_generation(n) <= upto]
+        if len(merged) < 2 and all(n == f"g{upto}" for n, _ in merged):
+            continue  # nothing to merge
+        names = [f"{mname}.{n}" for n, _ in merged]
+        states = [optim_state.pop(n, None) for n in names]
+        if any(states):
+            moments = {k: assemble((n, s[k] if s else torch.zeros_like(p))
+                                   for (n, p), s in zip(merged, states))
+                       for k in ("exp_avg", "exp_avg_sq")}
+            step = min(s["step"] for s in states if s)
+            optim_state[f"{mname}.g{upto}"] = {"step": step.clone(), **moments}
+        g.set_blocks({f"g{upto}": assemble(merged).clone(),
+                      **{n: p.data for n, p in blocks if block_generation(n) > upto}})
+    return model, optim_state
+
+
+# -----------------------------------------------------------------------------
+# CLI: grow a checkpoint into a new checkpoint
+
+def describe(c, model):
+    return (f"n_layer={c.n_layer} n_head={c.n_head} head_dim={c.head_dim} d={c.n_embd} "
+            f"ffn_hidden={c.ffn_hidden} vocab={c.vocab_size}: {model.get_num_params():,} params")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], allow_abbrev=False)
+    ap.add_argument("--ckpt", required=True, help="checkpoint to grow")
+    ap.add_argument("--out", required=True, help="where to write the grown checkpoint")
+    for axis in ("n_layer", "n_head", "head_dim", "ffn_hidden", "vocab_size", "block_size"):
+        ap.add_argument(f"--{axis}", type=int, help="default: unchanged")
+    ap.add_argument("--layer_place", default="top", choices=["top", "interleave"])
+    ap.add_argument("--layer_init", default="zero", choices=["zero", "copy"])
+    ap.add_argument("--vocab_init", default="mean", choices=["mean", "random"])
+    ap.add_argument("--tokenizer", help="tokenizer.model (needed for vocab_init=mean)")
+    ap.add_argument("--reset_optimizer", action="store_true", help="drop all AdamW state (ablation)")
+    args = ap.parse_args(argv)
+
+    ckpt = load_checkpoint(args.ckpt)
+    model = model_from_checkpoint(ckpt)
+    old = model.config
+    new = replace(old, **{k: v for k, v in vars(args).items() if v is not None and hasattr(old, k)})
+    tokenizer = None
+    if new.vocab_size > old.vocab_size and args.vocab_init == "mean":
+        if not args.tokenizer:
+            raise SystemExit("grow.py: growing the vocabulary with vocab_init=mean needs --tokenizer")
+        from prepare import load_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer, new.vocab_size)
+    try:
+        grown, optim_state = grow_model(model, new, ckpt.get("optimizer"), tokenizer=tokenizer,
+                                        layer_place=args.layer_place, layer_init=args.layer_init,
+                                        vocab_init=args.vocab_init)
+    except GrowError as e:
+        raise SystemExit(f"grow.py: {e}")
+    gen = max(grown.generations())
+    schedules = ckpt.get("generations", [])
+    if schedules:  # the new generation starts now, with the latest generation's schedule shape
+        schedules = schedules + [{**schedules[-1], "gen": gen, "birth": ckpt.get("iter_num", 0)}]
+    save_checkpoint({**ckpt, "model": grown.state_dict(), "model_config": asdict(grown.config),
+                     "optimizer": {} if args.reset_optimizer else optim_state,
+                     "generations": schedules}, args.out)
+    print(f"old: {describe(old, model)}\nnew: {describe(grown.config, grown)}\n"
+          f"generation {gen} added; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

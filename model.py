@@ -1,0 +1,310 @@
+"""
+A Llama-2-style GPT whose weights can grow.
+
+Architecture (Llama 2): RMSNorm pre-norm, SwiGLU FFN, RoPE, causal attention through
+F.scaled_dot_product_attention, no biases, untied embedding and lm_head.
+
+Growth (see grow.py and DESIGN.md sections 3-4): every weight is a `Growable`, which keeps
+one nn.Parameter per *generation block*: the rectangle it was born with, then for every
+growth the strip of new input columns (`g<k>_cols`) and the strip of new output rows
+(`g<k>_rows`). The forward assembles the full weight (a no-op when there is one block), so
+every block is an ordinary parameter: its own optimizer param group, its own Adam step
+count, and nothing to change for DDP/FSDP.
+"""
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# growable weights
+
+BLOCK_NAME = re.compile(r"g(\d+)(_cols|_rows)?$")
+
+
+def block_generation(name):
+    """'layers.3.attn.wq.g2_rows' -> 2"""
+    return int(BLOCK_NAME.search(name).group(1))
+
+
+def block_order(name):
+    """Assembly order of a block: by generation, then base, cols, rows."""
+    gen, kind = BLOCK_NAME.search(name).groups()
+    return int(gen), ("", "_cols", "_rows").index(kind or "")
+
+
+def assemble(blocks):
+    """Glue (name, tensor) blocks, in growth order, into the full tensor.
+    Used for weights and, with the same names, for their Adam moments."""
+    blocks = iter(blocks)
+    _, full = next(blocks)
+    for name, block in blocks:
+        full = torch.cat([full, block], dim=1 if name.endswith("_cols") else 0)
+    return full
+
+
+class Growable(nn.Module):
+    """A weight of shape (out, in) or (n,) stored as generation blocks."""
+
+    def __init__(self, *shape, gen=0):
+        super().__init__()
+        self.register_parameter(f"g{gen}", nn.Parameter(torch.empty(shape)))
+
+    @property
+    def weight(self):
+        return assemble(self._parameters.items())
+
+    @property
+    def shape(self):
+        blocks = list(self._parameters.items())
+        rows = sum(b.shape[0] for n, b in blocks if not n.endswith("_cols"))
+        if blocks[0][1].dim() == 1:
+            return torch.Size([rows])
+        cols = sum(b.shape[1] for n, b in blocks if not n.endswith("_rows"))
+        return torch.Size([rows, cols])
+
+    def add_block(self, name, tensor):
+        self.register_parameter(name, nn.Parameter(tensor))
+
+    def grow(self, shape, gen, init_rows, init_cols):
+        """Append generation `gen`'s strips so the weight gets `shape`: first the new input
+        columns of the existing rows, then the new output rows across all columns.
+        init_rows / init_cols fill a new strip in place."""
+        old, ref = self.shape, next(iter(self._parameters.values()))
+        strips = []
+        if len(shape) == 2 and shape[1] > old[1]:
+            strips.append((f"g{gen}_cols", (old[0], shape[1] - old[1]), init_cols))
+        if shape[0] > old[0]:
+            strips.append((f"g{gen}_rows", (shape[0] - old[0], *shape[1:]), init_rows))
+        for name, strip_shape, init in strips:
+            strip = torch.empty(strip_shape, dtype=ref.dtype, device=ref.device)
+            with torch.no_grad():
+                init(strip)
+            self.add_block(name, strip)
+
+    def set_blocks(self, named_tensors):
+        """Replace the blocks (loading a grown checkpoint into a freshly built model)."""
+        self._parameters.clear()
+        for name, t in sorted(named_tensors.items(), key=lambda kv: block_order(kv[0])):
+            self.add_block(name, t)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 32000
+    n_layer: int = 8
+    n_head: int = 4
+    head_dim: int = 128
+    ffn_hidden: int = 1536
+    block_size: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+
+    @property
+    def n_embd(self):
+        return self.n_head * self.head_dim
+
+    def __post_init__(self):
+        for k in ("vocab_size", "n_layer", "n_head", "head_dim", "block_size"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"GPTConfig: {k}={getattr(self, k)} must be positive")
+        if self.head_dim % 2:
+            raise ValueError(f"GPTConfig: head_dim={self.head_dim} must be even for RoPE")
+        if self.ffn_hidden <= 0 or self.ffn_hidden % 8:
+            raise ValueError(f"GPTConfig: ffn_hidden={self.ffn_hidden} is not allowed; "
+                             "use a positive multiple of 8 (see llama_ffn_hidden)")
+
+
+def llama_ffn_hidden(n_embd, multiple_of=256):
+    """Llama's SwiGLU width: 2/3 of 4d (same FLOPs as a 4d GELU MLP), rounded up."""
+    hidden = int(2 * 4 * n_embd / 3)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def rms_norm(x, weight, eps):
+    # normalise in float32 even under bf16 autocast
+    xf = x.float() if x.dtype != torch.float64 else x
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rope_cache(head_dim, block_size, theta):
+    """cos, sin of shape (block_size, head_dim // 2): pair j rotates at theta^(-2j/head_dim)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs in the half-split layout (Hugging Face's rotate_half): pair j is
+    (x[j], x[j + head_dim/2]). x: (B, n_head, T, head_dim); cos, sin: (T, head_dim/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, gen=0):
+        super().__init__()
+        d, hd = config.n_embd, config.n_head * config.head_dim
+        self.wq, self.wk, self.wv = (Growable(hd, d, gen=gen) for _ in range(3))
+        self.wo = Growable(d, hd, gen=gen)
+        self.n_head, self.head_dim, self.dropout = config.n_head, config.head_dim, config.dropout
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q, k, v = (F.linear(x, w.weight).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+                   for w in (self.wq, self.wk, self.wv))  # (B, n_head, T, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.wo.weight)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config, gen=0):
+        super().__init__()
+        d, h = config.n_embd, config.ffn_hidden
+        self.w1, self.w3 = Growable(h, d, gen=gen), Growable(h, d, gen=gen)  # gate, up
+        self.w2 = Growable(d, h, gen=gen)  # down
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(F.linear(F.silu(F.linear(x, self.w1.weight)) * F.linear(x, self.w3.weight),
+                                     self.w2.weight))
+
+
+class Block(nn.Module):
+    def __init__(self, config, gen=0):
+        super().__init__()
+        self.attn_norm, self.ffn_norm = Growable(config.n_embd, gen=gen), Growable(config.n_embd, gen=gen)
+        self.attn, self.ffn = Attention(config, gen), FeedForward(config, gen)
+        self.eps = config.norm_eps
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(rms_norm(x, self.attn_norm.weight, self.eps), cos, sin)
+        return x + self.ffn(rms_norm(x, self.ffn_norm.weight, self.eps))
+
+
+class GPT(nn.Module):
+    def __init__(self, config, gen=0):
+        super().__init__()
+        self.config = config
+        self.tok_emb = Growable(config.vocab_size, config.n_embd, gen=gen)
+        self.layers = nn.ModuleList(Block(config, gen) for _ in range(config.n_layer))
+        self.norm = Growable(config.n_embd, gen=gen)
+        self.lm_head = Growable(config.vocab_size, config.n_embd, gen=gen)
+        self.init_rope()
+        # GPT-2 style: N(0, 0.02), the projections that write into the residual stream
+        # scaled by 1/sqrt(2 n_layer) so the stream's variance does not grow with depth
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                is_writer = re.search(r"\.(wo|w2)\.", name)
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if is_writer else 0.02)
+
+    def init_rope(self):
+        cos, sin = rope_cache(self.config.head_dim, self.config.block_size, self.config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        x = F.embedding(idx, self.tok_emb.weight)  # (B, T, d)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for block in self.layers:
+            x = block(x, cos, sin)
+        x = rms_norm(x, self.norm.weight, self.config.norm_eps)
+        logits = F.linear(x, self.lm_head.weight)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def get_num_params(self, non_embedding=False):
+        """Parameter count; non_embedding drops the token embedding (a lookup, no FLOPs)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.shape.numel() if non_embedding else n
+
+    def generations(self):
+        return sorted({block_generation(n) for n, _ in self.named_parameters()})
+
+    def param_groups(self, weight_decay):
+        """One AdamW param group per (generation, decay or not): matrices decay, norm gains do not."""
+        groups = {}
+        for name, p in self.named_parameters():
+            decay = p.dim() >= 2
+            key = (block_generation(name), decay)
+            groups.setdefault(key, {"params": [], "names": [], "gen": key[0],
+                                    "weight_decay": weight_decay if decay else 0.0})
+            groups[key]["params"].append(p)
+            groups[key]["names"].append(name)
+        return [groups[k] for k in sorted(groups)]
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6 per weight of every matmul (forward 2, backward 4), plus
+        attention's QK^T and AV with the causal discount (half the T x T scores are computed)."""
+        c = self.config
+        n_matmul = self.get_num_params(non_embedding=True) - sum(
+            g.shape.numel() for g in self.modules() if isinstance(g, Growable) and len(g.shape) == 1)
+        return 6 * n_matmul + 6 * c.n_layer * c.n_head * c.head_dim * seq_len
+
+    @classmethod
+    def from_state_dict(cls, config, state_dict):
+        """Build a model whose block structure (generations) is the one in state_dict."""
+        with torch.device("meta"):
+            model = cls(config)
+        for mname, module in model.named_modules():
+            if isinstance(module, Growable):
+                prefix = mname + "."
+                blocks = {k[len(prefix):]: v for k, v in state_dict.items()
+                          if k.startswith(prefix) and "." not in k[len(prefix):]}
+                module.set_blocks({k: v.clone() for k, v in blocks.items()})
+        missing = {n for n, _ in model.named_parameters()} ^ set(state_dict)
+        if missing:
+            raise ValueError(f"state dict does not match GPTConfig {config}: {sorted(missing)[:4]}...")
+        model.init_rope()
+        return model
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: one dict of plain types, written atomically, read as data only
+
+CHECKPOINT_FORMAT = "growing-llama/1"
+
+
+def save_checkpoint(ckpt, path):
+    """Write to a temporary file and rename it, so a kill never leaves a broken checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"no checkpoint at {path}: train that stage first or fix the path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors vary: say what the file is not
+        raise SystemExit(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+                         "pass a ckpt.pt written by train.py or grow.py") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SystemExit(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT}); "
+                         "pass a ckpt.pt written by train.py or grow.py")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    return GPT.from_state_dict(GPTConfig(**ckpt["model_config"]), ckpt["model"])
