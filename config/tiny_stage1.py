@@ -1,0 +1,10 @@
+# Tiny CPU ladder, stage 1 (~100k parameters, under a minute on 2 cores).
+# python prepare.py --dataset tinyshakespeare --tiers 512 1024   (writes data/tinyshakespeare/llama2_v*)
+out_dir = "out/tiny_stage1"
+data_dir = "data/tinyshakespeare/llama2_v512"
+vocab_size = 512
+n_layer, n_head, head_dim, ffn_hidden, block_size = 2, 2, 16, 96, 64
+batch_size = 16
+max_iters = 150
+learning_rate, min_lr, warmup_iters, decay_iters = 3e-3, 3e-4, 10, 150
+eval_interval, eval_iters, log_interval = 50, 8, 10

@@ -1,0 +1,360 @@
+"""
+Train one stage of the growing ladder.
+
+One process (CPU or one GPU):
+    python train.py config/tiny_stage1.py
+DDP on 8 GPUs of one node:
+    torchrun --standalone --nproc_per_node=8 train.py config/stage3.py
+Two nodes (run on each, node_rank 0 and 1):
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 train.py config/stage3.py
+
+A stage starts from scratch, resumes its own checkpoint, or grows another stage's checkpoint
+(init_from='grow'): the parameters growth adds are a new generation with this config's
+learning-rate schedule, while the old generations continue their own schedules.
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from grow import GrowError, condense, grow_model
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# config, overridable by config/*.py and --key=value
+out_dir = "out/tiny_stage1"
+init_from = "scratch"  # 'scratch' | 'resume' (this out_dir's checkpoint) | 'grow' (grow_from, grown to this shape)
+grow_from = ""  # checkpoint of the previous stage
+eval_only = False  # evaluate the checkpoint (init_from='resume') and exit
+# data
+data_dir = "data/tinyshakespeare/llama2_v512"  # a tier written by prepare.py
+tokenizer = "llama2"  # for vocab_init='mean': a tokenizer.model path, or a name prepare.py knows
+# model
+vocab_size = 512
+n_layer = 2
+n_head = 2
+head_dim = 16
+ffn_hidden = 96
+block_size = 64
+rope_theta = 10000.0
+norm_eps = 1e-5
+dropout = 0.0
+# growth (init_from='grow')
+layer_place = "top"  # 'top' | 'interleave'
+layer_init = "zero"  # 'zero' (identity) | 'copy' (duplicate the layer below; ablation)
+vocab_init = "mean"  # 'mean' of the old-tier pieces | 'random'
+reset_optimizer = False  # drop the AdamW state at growth (ablation)
+condense_upto = -1  # merge generations <= this into one block after growing (-1: off)
+# batch: tokens per iteration = batch_size * block_size * grad_accum_steps (over all ranks)
+batch_size = 16  # per micro-step and rank
+grad_accum_steps = 1  # in total, divided among the ranks
+max_iters = 100  # iterations this stage trains
+# this stage's generation schedule: linear warmup, cosine decay to min_lr over decay_iters
+learning_rate = 3e-3
+warmup_iters = 10
+decay_iters = 100
+min_lr = 3e-4
+lr_mult = 1.0
+lr_mode = "generation"  # 'generation' (each its own schedule) | 'global' (this schedule, from iteration 0, for all)
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# evaluation and logging
+eval_interval = 50
+eval_iters = 4  # val batches per eval; the windows are fixed, so evals compare across stages
+log_interval = 10
+seed = 1337
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+compile = False
+peak_flops = 989e12  # per GPU, for MFU
+peak_flops_name = "H100/H200 SXM bf16 dense"
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------
+
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+else:
+    rank, world = 0, 1
+master = rank == 0
+if grad_accum_steps % world:
+    raise SystemExit(f"grad_accum_steps={grad_accum_steps} must be a multiple of the {world} ranks")
+accum = grad_accum_steps // world
+tokens_per_iter = batch_size * block_size * grad_accum_steps
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if device_type == "cpu" else torch.autocast(device_type, dtype=ptdtype)
+torch.manual_seed(seed + rank)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+
+def log(msg):
+    if master:
+        print(msg, flush=True)
+
+
+# ---- data -------------------------------------------------------------------
+
+def open_tier(path):
+    """The tier's bins as memmaps, with meta.json; a fresh memmap per call avoids a known leak."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise SystemExit(f"no prepared data in {path}: run prepare.py for this tier first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    bins = {s: np.memmap(os.path.join(path, f"{s}.bin"), dtype=np.uint16, mode="r") for s in ("train", "val")}
+    return meta, bins
+
+
+meta, bins = open_tier(data_dir)
+if meta["vocab_size"] != vocab_size:
+    raise SystemExit(f"data tier {data_dir} has vocab {meta['vocab_size']} but the model has {vocab_size}; "
+                     f"set data_dir to the v{vocab_size} tier or vocab_size={meta['vocab_size']}")
+for split, data in bins.items():
+    if len(data) < block_size + 1:
+        raise SystemExit(f"{split}.bin in {data_dir} has {len(data)} tokens, fewer than block_size+1")
+
+
+def get_batch(data, it, micro):
+    """Rows of iteration `it` for this rank's micro-step. The global batch depends only on
+    (seed, it), never on the number of ranks, so DDP matches one process and a resumed run
+    sees exactly the batches it would have seen; rank r takes every world-th row."""
+    rows = batch_size * grad_accum_steps
+    starts = np.random.default_rng([seed, it]).integers(0, len(data) - block_size - 1, size=rows)
+    starts = starts[(micro * world + rank) * batch_size:][:batch_size]
+    x = torch.from_numpy(np.stack([data[s:s + block_size] for s in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[s + 1:s + 1 + block_size] for s in starts]).astype(np.int64))
+    if device_type == "cuda":  # pinned + non_blocking: the copy overlaps the GPU's work
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+@torch.no_grad()
+def evaluate(model, data, meta, n_windows, T):
+    """Val loss and bits per byte on n_windows fixed windows, spread over the ranks.
+    Logits are restricted to the data's vocabulary, so a grown model can be scored on its
+    parent's tier: restricted, it must give the parent's numbers."""
+    model.eval()
+    starts = np.linspace(0, len(data) - T - 1, n_windows).astype(np.int64)[rank::world]
+    total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, count)
+    for i in range(0, len(starts), batch_size):
+        s = starts[i:i + batch_size]
+        x = torch.from_numpy(np.stack([data[j:j + T] for j in s]).astype(np.int64)).to(device)
+        y = torch.from_numpy(np.stack([data[j + 1:j + 1 + T] for j in s]).astype(np.int64)).to(device)
+        with autocast:
+            logits, _ = model(x)
+        v = meta["vocab_size"]
+        loss = F.cross_entropy(logits[..., :v].float().reshape(-1, v), y.view(-1), reduction="sum")
+        total += torch.stack([loss.double(), torch.tensor(y.numel(), device=device, dtype=torch.float64)])
+    if ddp:
+        dist.all_reduce(total)
+    model.train()
+    loss = (total[0] / total[1]).item()
+    # nats per token -> bits per byte, with the split's token and UTF-8 byte counts
+    return loss, loss * meta["val"]["tokens"] / meta["val"]["bytes"] / math.log(2)
+
+
+# ---- model, optimizer state and generation table -------------------------------
+
+model_config = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
+                         ffn_hidden=ffn_hidden, block_size=block_size, rope_theta=rope_theta,
+                         norm_eps=norm_eps, dropout=dropout)
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+schedule = dict(warmup=warmup_iters, lr=learning_rate, min_lr=min_lr, decay_iters=decay_iters, mult=lr_mult)
+if init_from != "resume" and os.path.exists(ckpt_path):
+    raise SystemExit(f"{out_dir} already holds a run; use --init_from=resume or another --out_dir")
+grow_event = None
+if init_from == "scratch":
+    model = GPT(model_config)
+    optim_state, generations, iter_num, flops_total, best_val_bpb = {}, [dict(gen=0, birth=0, **schedule)], 0, 0, None
+    stage_start = 0
+elif init_from in ("resume", "grow"):
+    ckpt = load_checkpoint(ckpt_path if init_from == "resume" else grow_from)
+    if ckpt["data"]["tokenizer_sha256"] != meta["tokenizer_sha256"]:
+        raise SystemExit(f"the checkpoint was trained with tokenizer {ckpt['data']['tokenizer']} "
+                         f"({ckpt['data']['tokenizer_sha256'][:12]}) but {data_dir} uses "
+                         f"{meta['tokenizer']} ({meta['tokenizer_sha256'][:12]}); prepare data with the same tokenizer")
+    model = model_from_checkpoint(ckpt)
+    optim_state, generations = ckpt["optimizer"], ckpt["generations"]
+    iter_num, flops_total, best_val_bpb = ckpt["iter_num"], ckpt["flops"], ckpt["best_val_bpb"]
+    stage_start = ckpt["stage_start"] if init_from == "resume" else iter_num
+    if init_from == "resume":
+        model_config = model.config
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    else:
+        parent = ckpt
+        parent_meta, parent_bins = open_tier(parent["data"]["data_dir"])
+        tok = None
+        if vocab_size > model.config.vocab_size and vocab_init == "mean":
+            from prepare import load_tokenizer
+            tok = load_tokenizer(tokenizer, vocab_size)
+        old_shape = model.get_num_params()
+        try:
+            model, optim_state = grow_model(model, model_config, optim_state, tokenizer=tok, layer_place=layer_place,
+                                            layer_init=layer_init, vocab_init=vocab_init)
+        except GrowError as e:
+            raise SystemExit(f"cannot grow {grow_from} to this config: {e}")
+        generations = generations + [dict(gen=max(model.generations()), birth=iter_num, **schedule)]
+        if reset_optimizer:
+            optim_state = {}
+        if condense_upto >= 0:
+            model, optim_state = condense(model, condense_upto, optim_state)
+        model_config = model.config
+        log(f"grew {grow_from}: {old_shape:,} -> {model.get_num_params():,} parameters, "
+            f"generation {generations[-1]['gen']} born at iteration {iter_num}")
+    del ckpt
+else:
+    raise SystemExit(f"init_from must be 'scratch', 'resume' or 'grow', not {init_from!r}")
+
+model.to(device)
+raw_model = model  # saved and grown; the compiled / DDP wrappers only run it
+if compile:
+    for block in model.layers:  # per block: whole-model compile would recompile at every new depth
+        block.compile()
+optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
+                              fused=device_type == "cuda")
+params = dict(raw_model.named_parameters())
+for name, state in optim_state.items():  # keyed by name: growth shifts positions, not names
+    p = params[name]
+    optimizer.state[p] = {k: v.to(p.device if k != "step" or device_type == "cuda" else "cpu")
+                          for k, v in state.items()}
+del optim_state
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+log(f"config: {json.dumps(config)}")
+
+
+def get_lr(sched, it):
+    """Learning rate of a generation at global iteration it: its own clock starts at birth."""
+    if lr_mode == "global":
+        sched = {**schedule, "birth": 0}
+    t = it - sched["birth"]
+    if t < sched["warmup"]:
+        lr = sched["lr"] * (t + 1) / (sched["warmup"] + 1)
+    elif t >= sched["decay_iters"]:
+        lr = sched["min_lr"]
+    else:
+        ratio = (t - sched["warmup"]) / max(1, sched["decay_iters"] - sched["warmup"])
+        lr = sched["min_lr"] + 0.5 * (1 + math.cos(math.pi * ratio)) * (sched["lr"] - sched["min_lr"])
+    return lr * sched["mult"]
+
+
+def save(iter_num):
+    if not master:
+        return
+    save_checkpoint({
+        "format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
+        "optimizer": {name: optimizer.state[p] for name, p in raw_model.named_parameters() if p in optimizer.state},
+        "generations": generations, "iter_num": iter_num, "stage_start": stage_start, "flops": flops_total,
+        "best_val_bpb": best_val_bpb, "last_val_bpb": last_val_bpb, "config": config, "rng": {"torch": torch.get_rng_state()},
+        "data": {"tokenizer": meta["tokenizer"], "tokenizer_sha256": meta["tokenizer_sha256"],
+                 "vocab_size": meta["vocab_size"], "data_dir": data_dir},
+    }, ckpt_path)
+
+
+def log_event(event):
+    if master:
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+n_windows = eval_iters * batch_size
+flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+log(f"{raw_model.get_num_params():,} parameters, generations {raw_model.generations()}, "
+    f"{tokens_per_iter:,} tokens/iter, {flops_per_iter / tokens_per_iter / 1e6:.1f} MFLOPs/token "
+    f"(6N + causal attention); MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}) per GPU")
+
+if init_from == "grow":  # function preservation in practice: the parent's tier, restricted, then this tier
+    pc = parent["config"]
+    old_loss, old_bpb = evaluate(model, parent_bins["val"], parent_meta, pc["eval_iters"] * pc["batch_size"],
+                                 pc["block_size"])
+    loss, bpb = evaluate(model, bins["val"], meta, n_windows, block_size)
+    grow_event = dict(event="grow", iter=iter_num, tokens=iter_num * tokens_per_iter, flops=flops_total,
+                      parent_tier_val_bpb=old_bpb, parent_val_bpb=parent["last_val_bpb"],
+                      val_loss=loss, val_bpb=bpb)
+    log(f"after growth: parent-tier val bpb {old_bpb:.5f} (parent's last {parent['last_val_bpb']:.5f}), "
+        f"this tier {bpb:.5f}")
+    log_event(grow_event)
+    del parent
+
+schedules = {g["gen"]: g for g in generations}
+end_iter = stage_start + max_iters
+resumed_at = iter_num if init_from == "resume" else None  # its eval is in the log already
+last_val_bpb = None
+t0 = time.time()
+while True:
+    lrs = {g: get_lr(schedules[g], iter_num) for g in raw_model.generations()}
+    for group in optimizer.param_groups:
+        group["lr"] = lrs[group["gen"]]
+
+    if (iter_num % eval_interval == 0 or iter_num == end_iter) and iter_num != resumed_at or eval_only:
+        val_loss, last_val_bpb = evaluate(model, bins["val"], meta, n_windows, block_size)
+        best_val_bpb = last_val_bpb if best_val_bpb is None else min(best_val_bpb, last_val_bpb)
+        log(f"iter {iter_num}: val loss {val_loss:.4f}, val bpb {last_val_bpb:.4f}")
+        log_event(dict(event="eval", iter=iter_num, tokens=iter_num * tokens_per_iter, flops=flops_total,
+                       lr=lrs, val_loss=val_loss, val_bpb=last_val_bpb))
+        if eval_only:
+            break
+        if iter_num > stage_start:
+            save(iter_num)
+    if iter_num >= end_iter:
+        break
+
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = get_batch(bins["train"], iter_num, micro)
+        # sync gradients only on the last micro-step
+        with nullcontext() if not ddp or micro == accum - 1 else model.no_sync():
+            with autocast:
+                _, loss = model(x, y)
+            (loss / accum).backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    flops_total += flops_per_iter
+
+    if iter_num % log_interval == 0 or iter_num == end_iter:
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        dt, t0 = time.time() - t0, time.time()
+        n_iters = log_interval if iter_num % log_interval == 0 else iter_num % log_interval
+        tok_per_s = tokens_per_iter * n_iters / dt
+        mfu = flops_per_iter * n_iters / dt / (peak_flops * world)
+        if ddp:
+            dist.all_reduce(loss_sum)
+        train_loss = loss_sum.item() / grad_accum_steps  # this iteration's mean over micro-steps and ranks
+        log(f"iter {iter_num}: loss {train_loss:.4f}, lr " + " ".join(f"g{g}={v:.2e}" for g, v in lrs.items())
+            + f", {tok_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%")
+        log_event(dict(event="train", iter=iter_num, tokens=iter_num * tokens_per_iter, flops=flops_total,
+                       lr=lrs, train_loss=train_loss, tok_per_s=tok_per_s, mfu=mfu))
+
+if ddp:
+    dist.destroy_process_group()
