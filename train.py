@@ -187,7 +187,8 @@ if init_from != "resume" and os.path.exists(ckpt_path):
 grow_event = None
 if init_from == "scratch":
     model = GPT(model_config)
-    optim_state, generations, iter_num, flops_total, best_val_bpb = {}, [dict(gen=0, birth=0, **schedule)], 0, 0, None
+    optim_state, generations, iter_num, tokens_total, flops_total, best_val_bpb = \
+        {}, [dict(gen=0, birth=0, **schedule)], 0, 0, 0, None
     stage_start = 0
 elif init_from in ("resume", "grow"):
     ckpt = load_checkpoint(ckpt_path if init_from == "resume" else grow_from)
@@ -197,7 +198,8 @@ elif init_from in ("resume", "grow"):
                          f"{meta['tokenizer']} ({meta['tokenizer_sha256'][:12]}); prepare data with the same tokenizer")
     model = model_from_checkpoint(ckpt)
     optim_state, generations = ckpt["optimizer"], ckpt["generations"]
-    iter_num, flops_total, best_val_bpb = ckpt["iter_num"], ckpt["flops"], ckpt["best_val_bpb"]
+    iter_num, tokens_total, flops_total = ckpt["iter_num"], ckpt["tokens"], ckpt["flops"]
+    best_val_bpb = ckpt["best_val_bpb"]
     stage_start = ckpt["stage_start"] if init_from == "resume" else iter_num
     if init_from == "resume":
         model_config = model.config
@@ -270,7 +272,8 @@ def save(iter_num):
     save_checkpoint({
         "format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
         "optimizer": {name: optimizer.state[p] for name, p in raw_model.named_parameters() if p in optimizer.state},
-        "generations": generations, "iter_num": iter_num, "stage_start": stage_start, "flops": flops_total,
+        "generations": generations, "iter_num": iter_num, "stage_start": stage_start,
+        "tokens": tokens_total, "flops": flops_total,
         "best_val_bpb": best_val_bpb, "last_val_bpb": last_val_bpb, "config": config, "rng": {"torch": torch.get_rng_state()},
         "data": {"tokenizer": meta["tokenizer"], "tokenizer_sha256": meta["tokenizer_sha256"],
                  "vocab_size": meta["vocab_size"], "data_dir": data_dir},
@@ -294,7 +297,7 @@ if init_from == "grow":  # function preservation in practice: the parent's tier,
     old_loss, old_bpb = evaluate(model, parent_bins["val"], parent_meta, pc["eval_iters"] * pc["batch_size"],
                                  pc["block_size"])
     loss, bpb = evaluate(model, bins["val"], meta, n_windows, block_size)
-    grow_event = dict(event="grow", iter=iter_num, tokens=iter_num * tokens_per_iter, flops=flops_total,
+    grow_event = dict(event="grow", iter=iter_num, tokens=tokens_total, flops=flops_total,
                       parent_tier_val_bpb=old_bpb, parent_val_bpb=parent["last_val_bpb"],
                       val_loss=loss, val_bpb=bpb)
     log(f"after growth: parent-tier val bpb {old_bpb:.5f} (parent's last {parent['last_val_bpb']:.5f}), "
@@ -316,7 +319,7 @@ while True:
         val_loss, last_val_bpb = evaluate(model, bins["val"], meta, n_windows, block_size)
         best_val_bpb = last_val_bpb if best_val_bpb is None else min(best_val_bpb, last_val_bpb)
         log(f"iter {iter_num}: val loss {val_loss:.4f}, val bpb {last_val_bpb:.4f}")
-        log_event(dict(event="eval", iter=iter_num, tokens=iter_num * tokens_per_iter, flops=flops_total,
+        log_event(dict(event="eval", iter=iter_num, tokens=tokens_total, flops=flops_total,
                        lr=lrs, val_loss=val_loss, val_bpb=last_val_bpb))
         if eval_only:
             break
@@ -339,6 +342,7 @@ while True:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
+    tokens_total += tokens_per_iter
     flops_total += flops_per_iter
 
     if iter_num % log_interval == 0 or iter_num == end_iter:
@@ -353,7 +357,7 @@ while True:
         train_loss = loss_sum.item() / grad_accum_steps  # this iteration's mean over micro-steps and ranks
         log(f"iter {iter_num}: loss {train_loss:.4f}, lr " + " ".join(f"g{g}={v:.2e}" for g, v in lrs.items())
             + f", {tok_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%")
-        log_event(dict(event="train", iter=iter_num, tokens=iter_num * tokens_per_iter, flops=flops_total,
+        log_event(dict(event="train", iter=iter_num, tokens=tokens_total, flops=flops_total,
                        lr=lrs, train_loss=train_loss, tok_per_s=tok_per_s, mfu=mfu))
 
 if ddp:
