@@ -1,0 +1,423 @@
+"""
+Text -> memmapped uint16 token bins, one folder per vocabulary tier.
+
+Each tier N is the Llama 2 SentencePiece model cut to its first N pieces (DESIGN.md section 6):
+the same text, encoded with a smaller vocabulary, into more tokens, and id i means the same piece
+in every tier. Output: <out_dir>/<tokenizer>_v<N>/{train,val}.bin (each document starts with BOS)
+and meta.json with the token and UTF-8 byte counts that bits per byte needs.
+
+$ python prepare.py                                        # tinyshakespeare, tiers 4096..32000
+$ python prepare.py --dataset tinystories --workers 16     # also: c4 (one shard of a web corpus)
+$ python prepare.py --dataset gutenberg --input ../shared/assets/gutenberg_en.jsonl.xz \\
+      --tokenizer ../shared/assets/llama2_tokenizer.model --tiers 4096 8192 16384 32000
+  (gutenberg holds out the 16 books of SOURCES.md, i.e. --val_ids 159,215,564,600,696,1424,
+   1572,1689,2130,2527,2814,8164,11339,28767,50701,51461, and writes to data/gutenberg)
+$ python prepare.py --input my_texts/ --tokenizer gpt2 --tiers 8192 50257
+$ python prepare.py --inspect data/tinyshakespeare/llama2_v4096
+"""
+import argparse, base64, codecs, gzip, hashlib, json, lzma, math, os, re, sys, time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CACHE = os.path.join(HERE, 'data', 'downloads')
+LLAMA2_URL = 'https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model'
+LLAMA2_SHA256 = '9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347'
+BLANK_LINE = r'\n\s*\n'
+GUTENBERG_VAL_IDS = [159, 215, 564, 600, 696, 1424, 1572, 1689, 2130, 2527, 2814, 8164, 11339, 28767, 50701, 51461]
+DATASETS = {  # name -> (url, sha256 or None: then the server's LFS sha256 is checked if it sends one)
+    'tinyshakespeare': dict(url='https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
+                            sha256='86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'),
+    'tinystories': dict(url='https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt',
+                        sha256=None, doc_sep=r'\s*<\|endoftext\|>\s*'),
+    'c4': dict(url='https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-train.00000-of-01024.json.gz', sha256=None),
+    'gutenberg': dict(url=None, val_ids=GUTENBERG_VAL_IDS),  # no public URL: pass the asset with --input
+}
+
+class PrepareError(Exception):
+    """A problem with the user's input, in one line that says what to do; the CLI prints it and exits."""
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+def download(url, path, sha256=None):
+    """Stream url to path with a progress bar, resuming a partial download, and check its sha256."""
+    if os.path.exists(path):
+        return path
+    import requests
+    from tqdm import tqdm
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    part = path + '.part'
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    try:
+        r = requests.get(url, stream=True, timeout=(5, 60), headers={'Range': f'bytes={have}-'} if have else {})
+        r.raise_for_status()
+        have = have if r.status_code == 206 else 0  # the server ignored the range: start over
+        etag = r.headers.get('x-linked-etag', '').strip('"')  # Hugging Face sends an LFS file's sha256 here
+        sha256 = sha256 or (etag if re.fullmatch(r'[0-9a-f]{64}', etag) else None)
+        total = have + int(r.headers.get('content-length', 0))
+        with open(part, 'ab' if have else 'wb') as f, tqdm(total=total, initial=have, unit='B', unit_scale=True,
+                                                            desc=os.path.basename(path)) as bar:
+            for block in r.iter_content(1 << 20):
+                bar.update(f.write(block))
+    except requests.RequestException as e:
+        raise PrepareError(f'cannot download {url} ({type(e).__name__}); offline? pass --input and --tokenizer')
+    if sha256 and file_sha256(part) != sha256:
+        os.remove(part)
+        raise PrepareError(f'{url}: sha256 mismatch, the download was removed; run again')
+    os.replace(part, path)
+    return path
+
+# -----------------------------------------------------------------------------
+# tokenizers: every tier of a family shares ids; decode(encode(text)) == text exactly
+
+class Tokenizer:
+    """The parts both families share: ids -> bytes through one table, so decoding is exact."""
+    def token_bytes(self, i):
+        return self.table[i]  # a byte token gives its byte, which may be part of a UTF-8 character
+
+    def token_text(self, i):
+        return self.token_bytes(i).decode('utf-8', errors='replace')
+
+    def decode(self, ids):
+        return self.decode_bytes(b''.join(self.table[i] for i in ids)).decode('utf-8', errors='replace')
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path, vocab_size):
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        if not os.path.isfile(path):
+            raise PrepareError(f'tokenizer {path} not found; pass --tokenizer PATH/tokenizer.model, llama2 or gpt2')
+        proto = pb.ModelProto()
+        try:
+            proto.ParseFromString(open(path, 'rb').read())
+        except Exception:
+            proto.Clear()
+        if not proto.pieces or proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
+            raise PrepareError(f'{path} is not a SentencePiece BPE model; pass the Llama 2 tokenizer.model')
+        # the first pieces are <unk> <s> </s> and the 256 bytes (259 for Llama 2): every tier needs them all
+        n_special = next(i for i, p in enumerate(proto.pieces) if p.type == p.NORMAL)
+        check_vocab_size(vocab_size, n_special, len(proto.pieces), path)
+        self.path, self.sha256, self.vocab_size, self.full_proto = path, file_sha256(path), vocab_size, proto
+        self.name = 'llama2' if self.sha256 == LLAMA2_SHA256 else os.path.splitext(os.path.basename(path))[0]
+        self.bos_id = proto.trainer_spec.bos_id
+        self.sp = self.truncated(vocab_size, dummy_prefix=True)
+        self.table = [bytes([int(p.piece[3:5], 16)]) if p.type == p.BYTE else
+                      b'' if p.type in (p.CONTROL, p.UNKNOWN) else p.piece.replace('▁', ' ').encode()
+                      for p in proto.pieces[:vocab_size]]
+        self._old_tiers = {}
+
+    def truncated(self, n, dummy_prefix):
+        """Normal pieces are in merge order and split into lower ids, so the first n form a valid BPE model."""
+        import sentencepiece as spm
+        proto = type(self.full_proto)()
+        proto.CopyFrom(self.full_proto)
+        del proto.pieces[n:]
+        proto.normalizer_spec.add_dummy_prefix = dummy_prefix
+        return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def decode_bytes(self, b):
+        # a space that does not merge at this tier falls back to the bytes of '▁' (E2 96 81); they mean a
+        # space, and the first space is the dummy prefix that encode adds (Llama 2 spells a literal '▁' as space)
+        b = b.replace('▁'.encode(), b' ')
+        return b[1:] if b.startswith(b' ') and self.full_proto.normalizer_spec.add_dummy_prefix else b
+
+    def old_tier_pieces(self, i, old_vocab_size):
+        """Ids that tier old_vocab_size makes of token i's text mid-text (no dummy prefix; '▁the' stays one
+        leading space). A lone character above the old tier comes out in byte tokens, a space as E2 96 81."""
+        if i < old_vocab_size:
+            return [i]
+        if old_vocab_size not in self._old_tiers:
+            self._old_tiers[old_vocab_size] = self.truncated(old_vocab_size, dummy_prefix=False)
+        return self._old_tiers[old_vocab_size].encode(self.full_proto.pieces[i].piece.replace('▁', ' '))
+
+class TiktokenTokenizer(Tokenizer):
+    """GPT-2's BPE cut to rank < N-1. Its <|endoftext|> becomes the BOS at id N-1, which is GPT-2's own 50256
+    at the full tier 50257; below that, row N-1 changes meaning between tiers, so growing across gpt2 tiers
+    would have to move the BOS row (the Llama 2 family, whose BOS is 1 in every tier, needs nothing)."""
+    def __init__(self, ranks_path, vocab_size):
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+        from tiktoken_ext import openai_public
+        if ranks_path:  # a .tiktoken rank file, e.g. r50k_base.tiktoken (the same ranks as GPT-2)
+            ranks, pat_str = load_tiktoken_bpe(ranks_path), openai_public.r50k_pat_str
+        else:
+            try:
+                spec = openai_public.gpt2()
+            except Exception as e:
+                raise PrepareError(f'tiktoken could not fetch the GPT-2 ranks ({type(e).__name__}); pass --gpt2_ranks PATH')
+            ranks, pat_str = spec['mergeable_ranks'], spec['pat_str']
+        check_vocab_size(vocab_size, 257, len(ranks) + 1, ranks_path or 'gpt2')
+        canonical = b''.join(base64.b64encode(t) + b' %d\n' % r for t, r in sorted(ranks.items(), key=lambda x: x[1]))
+        self.path, self.name, self.vocab_size, self.bos_id = ranks_path, 'gpt2', vocab_size, vocab_size - 1
+        self.sha256 = hashlib.sha256(canonical).hexdigest()  # equals the sha256 of a .tiktoken file of these ranks
+        self.ranks = {t: r for t, r in ranks.items() if r < vocab_size - 1}
+        self.enc = tiktoken.Encoding(f'gpt2_v{vocab_size}', pat_str=pat_str, mergeable_ranks=self.ranks,
+                                     special_tokens={'<|endoftext|>': self.bos_id})
+        self.table = sorted(self.ranks, key=self.ranks.get) + [b'']
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode_bytes(self, b):
+        return b
+
+    def old_tier_pieces(self, i, old_vocab_size):
+        """Byte-level BPE of token i's bytes with the old tier's ranks (what tiktoken does within one piece)."""
+        if i < old_vocab_size - 1:
+            return [i]
+        parts = [bytes([c]) for c in self.table[i]]
+        while True:
+            pairs = [(self.ranks.get(a + b, math.inf), k) for k, (a, b) in enumerate(zip(parts, parts[1:]))]
+            rank, k = min(pairs, default=(math.inf, 0))  # the lowest rank merges first
+            if rank >= old_vocab_size - 1:
+                return [self.ranks[p] for p in parts]
+            parts[k:k + 2] = [parts[k] + parts[k + 1]]
+
+def check_vocab_size(n, lo, hi, what):
+    if not lo <= n <= hi:
+        raise PrepareError(f'tier {n} is outside {lo}..{hi}, the sizes that {what} supports; pick tiers in that range')
+    if n > 65536:
+        raise PrepareError(f'tier {n} does not fit the uint16 bins; pick a tier <= 65536')
+
+def load_tokenizer(path_or_name, vocab_size, gpt2_ranks=None):
+    """'llama2' (downloaded and cached), a SentencePiece .model path, or 'gpt2', cut to vocab_size ids."""
+    if path_or_name == 'gpt2':
+        return TiktokenTokenizer(gpt2_ranks, vocab_size)
+    if path_or_name in (None, 'llama2'):
+        path_or_name = download(LLAMA2_URL, os.path.join(CACHE, 'llama2_tokenizer.model'), LLAMA2_SHA256)
+    return SentencePieceTokenizer(path_or_name, vocab_size)
+
+# -----------------------------------------------------------------------------
+# documents: streamed from .txt, .jsonl, .jsonl.xz, .json.gz files or a folder of them
+
+OPENERS = {'.xz': lzma.open, '.gz': gzip.open}
+
+def read_documents(path, doc_sep=BLANK_LINE, whole_file=False):
+    """Yield (pg_id or None, text) for every non-blank document, in a fixed order, without reading it all."""
+    if not os.path.exists(path):
+        raise PrepareError(f'input {path} not found; pass --input FILE_OR_FOLDER')
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
+    for f in files:
+        kind = re.search(r'\.(txt|jsonl?)(\.xz|\.gz)?$', f)
+        if not kind and not os.path.isdir(path):
+            raise PrepareError(f'{f}: unknown kind of input; pass a .txt, .jsonl, .jsonl.xz or .json.gz file')
+        docs = () if not kind else read_txt(f, doc_sep, whole_file) if kind[1] == 'txt' else read_jsonl(f)
+        yield from ((pg_id, text) for pg_id, text in docs if text.strip())
+
+def utf8(decoder, data, path, offset, final=False):
+    pending = len(decoder.getstate()[0])  # bytes of a character that the previous block cut in two
+    try:
+        return decoder.decode(data, final)
+    except UnicodeDecodeError as e:
+        raise PrepareError(f'{path} is not UTF-8 at byte {offset - pending + e.start} '
+                           f'(of the uncompressed text); convert it to UTF-8') from None
+
+def read_txt(path, doc_sep, whole_file):
+    decoder, buf, offset = codecs.getincrementaldecoder('utf-8')(), '', 0
+    with OPENERS.get(os.path.splitext(path)[1], open)(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            buf += utf8(decoder, block, path, offset)
+            offset += len(block)
+            start = 0
+            for m in re.finditer(doc_sep, buf) if not whole_file else ():
+                if m.end() == len(buf):
+                    break  # the separator may go on in the next block
+                yield None, buf[start:m.start()]
+                start = m.end()
+            buf = buf[start:]
+        buf += utf8(decoder, b'', path, offset, final=True)
+    yield from ((None, d) for d in ([buf] if whole_file else re.split(doc_sep, buf)))
+
+def read_jsonl(path):
+    offset = 0
+    with OPENERS.get(os.path.splitext(path)[1], open)(path, 'rb') as f:
+        for line in f:
+            text = utf8(codecs.getincrementaldecoder('utf-8')(), line, path, offset, final=True)
+            offset += len(line)
+            if text.strip():
+                doc = json.loads(text)
+                if 'text' not in doc:
+                    raise PrepareError(f'{path}: a line near byte {offset} has no "text" field; give every line one')
+                yield doc.get('pg_id'), doc['text']
+
+# -----------------------------------------------------------------------------
+# workers tokenize batches of documents for every tier at once: the text is read and sent once
+
+_tokenizers = None
+
+def init_worker(spec, tiers, gpt2_ranks):
+    global _tokenizers
+    _tokenizers = {n: load_tokenizer(spec, n, gpt2_ranks) for n in tiers}
+
+def encode_batch(batch):
+    """[(split, text)] -> {split: (documents, utf8 bytes, {tier: uint16 ids with a BOS per document})}, seconds per tier"""
+    out, seconds = {}, {n: 0.0 for n in _tokenizers}
+    for split in ('train', 'val'):
+        texts = [text for s, text in batch if s == split]
+        ids = {}
+        for n, tok in _tokenizers.items():
+            t0 = time.perf_counter()
+            ids[n] = np.array([i for text in texts for i in [tok.bos_id] + tok.encode(text)], dtype=np.uint16)
+            seconds[n] += time.perf_counter() - t0
+        out[split] = (len(texts), sum(len(text.encode('utf-8')) for text in texts), ids)
+    return out, seconds
+
+def batches(docs, val_fraction, val_ids, found_ids, chars=1 << 20):
+    """Assign each document to a split and group them into batches of about `chars` characters."""
+    batch, size = [], 0
+    for k, (pg_id, text) in enumerate(docs):
+        if val_ids:
+            if pg_id is None:
+                raise PrepareError('--val_ids needs documents with a pg_id field; use --val_fraction')
+            val = pg_id in val_ids
+            found_ids.add(pg_id)
+        else:  # documents 0, 1/f, 2/f, ... : the same in every run and tier, and at least one
+            val = math.ceil((k + 1) * val_fraction) > math.ceil(k * val_fraction)
+        batch.append(('val' if val else 'train', text))
+        size += len(text)
+        if size >= chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, doc_sep=BLANK_LINE,
+            whole_file=False, workers=None, gpt2_ranks=None):
+    """Write out_dir/<name>_v<N>/{train,val}.bin and meta.json for every tier; skip tiers already complete."""
+    toks = {n: load_tokenizer(tokenizer, n, gpt2_ranks) for n in sorted(set(tiers))}
+    split = dict(val_ids=sorted(val_ids) if val_ids else None, val_fraction=None if val_ids else val_fraction,
+                 doc_sep=None if whole_file else doc_sep)
+    source = os.path.abspath(input)
+    dirs = {n: os.path.join(out_dir, f'{tok.name}_v{n}') for n, tok in toks.items()}
+    todo = [n for n in toks if not is_complete(dirs[n], toks[n], source, split)]
+    for n in sorted(set(toks) - set(todo)):
+        print(f'{dirs[n]} is complete, skipping')
+    if not todo:
+        return
+    files = {}
+    for n in todo:
+        os.makedirs(dirs[n], exist_ok=True)
+        if os.path.exists(os.path.join(dirs[n], 'meta.json')):
+            os.remove(os.path.join(dirs[n], 'meta.json'))  # the old bins stop counting as complete now
+        for s in ('train', 'val'):  # write under a temporary name, renamed when complete
+            files[n, s] = open(os.path.join(dirs[n], f'{s}.bin.tmp'), 'wb')
+    counts = {s: dict(documents=0, bytes=0) for s in ('train', 'val')}
+    tokens = {(n, s): 0 for n in todo for s in ('train', 'val')}
+    seconds = {n: 0.0 for n in todo}
+    found_ids, t0 = set(), time.time()
+    workers = workers or os.cpu_count()
+
+    def write(future):
+        out, secs = future.result()  # re-raises a worker's exception; a dead worker raises BrokenProcessPool
+        for s, (n_docs, n_bytes, ids) in out.items():
+            counts[s]['documents'] += n_docs
+            counts[s]['bytes'] += n_bytes
+            for n, arr in ids.items():
+                arr.tofile(files[n, s])
+                tokens[n, s] += len(arr)
+        for n in secs:
+            seconds[n] += secs[n]
+
+    spec = toks[todo[0]].path or 'gpt2'
+    with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(spec, todo, gpt2_ranks)) as pool:
+        pending = deque()  # a few batches in flight keep every worker busy and memory bounded
+        docs = read_documents(input, doc_sep, whole_file)
+        for batch in batches(docs, val_fraction, set(val_ids or ()), found_ids):
+            pending.append(pool.submit(encode_batch, batch))
+            if len(pending) > 2 * workers:
+                write(pending.popleft())
+        while pending:
+            write(pending.popleft())
+    for f in files.values():
+        f.close()
+    if counts['train']['documents'] + counts['val']['documents'] == 0:
+        raise PrepareError(f'{input} has no documents; pass a non-empty input')
+    if set(val_ids or ()) - found_ids:
+        raise PrepareError(f'--val_ids {sorted(set(val_ids) - found_ids)} are not in {input}; fix the list')
+    for s in ('train', 'val'):
+        if counts[s]['documents'] == 0:
+            raise PrepareError(f'the {s} split has no documents; give more documents or change --val_fraction')
+    elapsed = time.time() - t0
+    for n in todo:
+        for s in ('train', 'val'):
+            os.replace(os.path.join(dirs[n], f'{s}.bin.tmp'), os.path.join(dirs[n], f'{s}.bin'))
+        # tokens counts the BOS ids too: bits per byte takes the loss over all predicted positions
+        meta = dict(tokenizer=toks[n].name, tokenizer_sha256=toks[n].sha256, vocab_size=n, bos_id=toks[n].bos_id,
+                    **{s: dict(tokens=tokens[n, s], **counts[s]) for s in ('train', 'val')}, source=source, split=split)
+        with open(os.path.join(dirs[n], 'meta.json.tmp'), 'w') as f:
+            json.dump(meta, f, indent=1)
+        os.replace(os.path.join(dirs[n], 'meta.json.tmp'), os.path.join(dirs[n], 'meta.json'))
+        total = tokens[n, 'train'] + tokens[n, 'val']
+        print(f'{dirs[n]}: {total:,} tokens, {(counts["train"]["bytes"] + counts["val"]["bytes"]) / total:.3f} '
+              f'bytes/token, {total / seconds[n]:,.0f} tokens/s per worker')
+    print(f'{len(todo)} tiers in {elapsed:.1f}s wall with {workers} workers')
+
+def is_complete(tier_dir, tok, source, split):
+    """A tier is complete when its meta.json matches this run and both bins have the size it records."""
+    try:
+        with open(os.path.join(tier_dir, 'meta.json')) as f:
+            meta = json.load(f)
+        return (meta['tokenizer_sha256'], meta['vocab_size'], meta['source'], meta['split']) == \
+            (tok.sha256, tok.vocab_size, source, split) and all(
+            os.path.getsize(os.path.join(tier_dir, f'{s}.bin')) == 2 * meta[s]['tokens'] for s in ('train', 'val'))
+    except (OSError, ValueError, KeyError):
+        return False
+
+def inspect(tier_dir, tokenizer=None, gpt2_ranks=None):
+    """Print a tier's counts and bytes per token, check its ids, and decode the start of a document."""
+    with open(os.path.join(tier_dir, 'meta.json')) as f:
+        meta = json.load(f)
+    tok = load_tokenizer(tokenizer or meta['tokenizer'], meta['vocab_size'], gpt2_ranks)
+    if tok.sha256 != meta['tokenizer_sha256']:
+        raise PrepareError(f'{tier_dir} was made with another tokenizer file; pass the right --tokenizer')
+    print(f'{tier_dir}: {meta["tokenizer"]} tier {meta["vocab_size"]}, source {meta["source"]}')
+    for s in ('train', 'val'):
+        data = np.memmap(os.path.join(tier_dir, f'{s}.bin'), dtype=np.uint16, mode='r')
+        m = meta[s]
+        print(f'{s}: {m["documents"]:,} documents, {m["tokens"]:,} tokens, {m["bytes"]:,} bytes, '
+              f'{m["bytes"] / m["tokens"]:.3f} bytes/token, max id {data.max()}')
+        assert len(data) == m['tokens'] and data.max() < meta['vocab_size'], f'{s}.bin does not match meta.json'
+    ids = data[1:201].tolist()  # the start of the first val document, up to the next BOS
+    ids = ids[:ids.index(tok.bos_id)] if tok.bos_id in ids else ids
+    print(f'--- {len(ids)} tokens of the first val document:\n{tok.decode(ids)}')
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--input', help='a .txt/.jsonl/.jsonl.xz/.json.gz file or a folder of them')
+    parser.add_argument('--dataset', choices=DATASETS, help='a built-in source (tinyshakespeare when no --input)')
+    parser.add_argument('--tokenizer', default='llama2', help='llama2 (downloaded), PATH/tokenizer.model, or gpt2')
+    parser.add_argument('--gpt2_ranks', help='a local .tiktoken rank file for --tokenizer gpt2')
+    parser.add_argument('--tiers', type=int, nargs='+', default=[4096, 8192, 16384, 32000])
+    parser.add_argument('--out_dir', help='default data/<dataset>')
+    parser.add_argument('--val_fraction', type=float, default=0.05, help='every 1/f-th document goes to val')
+    parser.add_argument('--val_ids', help='comma list of pg_id values held out for val (jsonl input)')
+    parser.add_argument('--doc_sep', help='regex between documents in .txt files (default: a blank line)')
+    parser.add_argument('--whole_file', action='store_true', help='each .txt file is one document')
+    parser.add_argument('--workers', type=int, default=os.cpu_count())
+    parser.add_argument('--inspect', metavar='TIER_DIR', help='print a prepared tier and decode a sample')
+    args = parser.parse_args()
+    try:
+        if args.inspect:
+            inspect(args.inspect, None if args.tokenizer == 'llama2' else args.tokenizer, args.gpt2_ranks)
+            sys.exit()
+        name = args.dataset or ('tinyshakespeare' if not args.input else re.sub(r'\..*', '', os.path.basename(
+            os.path.normpath(args.input))))
+        ds = DATASETS.get(name, {})
+        if not args.input and not ds.get('url'):
+            raise PrepareError(f'{name} has no download; pass --input PATH')
+        url = ds.get('url')
+        input = args.input or download(url, os.path.join(CACHE, name, os.path.basename(url)), ds['sha256'])
+        val_ids = [int(x) for x in args.val_ids.split(',')] if args.val_ids else ds.get('val_ids')
+        prepare(input, args.tokenizer, args.tiers, args.out_dir or os.path.join('data', name), args.val_fraction,
+                val_ids, args.doc_sep or ds.get('doc_sep', BLANK_LINE), args.whole_file, args.workers, args.gpt2_ranks)
+    except PrepareError as e:
+        sys.exit(f'prepare.py: {e}')
