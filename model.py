@@ -308,3 +308,19 @@ def load_checkpoint(path):
 
 def model_from_checkpoint(ckpt):
     return GPT.from_state_dict(GPTConfig(**ckpt["model_config"]), ckpt["model"])
+
+
+if __name__ == "__main__":
+    # python model.py config/stage*.py: the ladder's shapes, parameters and FLOPs per token
+    import sys
+    print("| config | n_layer | n_head x head_dim = d | ffn_hidden | vocab | parameters | GFLOPs/token |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    for path in sys.argv[1:]:
+        cfg = {}
+        exec(open(path).read(), cfg)
+        c = GPTConfig(**{k: cfg[k] for k in ("vocab_size", "n_layer", "n_head", "head_dim", "ffn_hidden",
+                                             "block_size") if k in cfg})
+        with torch.device("meta"):
+            m = GPT(c)
+        print(f"| {os.path.basename(path)} | {c.n_layer} | {c.n_head} x {c.head_dim} = {c.n_embd} | {c.ffn_hidden} "
+              f"| {c.vocab_size} | {m.get_num_params() / 1e6:,.1f}M | {m.flops_per_token(c.block_size) / 1e9:.2f} |")

@@ -18,6 +18,7 @@ $ python prepare.py --inspect data/tinyshakespeare/llama2_v4096
 import argparse, base64, codecs, gzip, hashlib, json, lzma, math, os, re, sys, time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from fractions import Fraction
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -200,6 +201,7 @@ def load_tokenizer(path_or_name, vocab_size, gpt2_ranks=None):
 # documents: streamed from .txt, .jsonl, .jsonl.xz, .json.gz files or a folder of them
 
 OPENERS = {'.xz': lzma.open, '.gz': gzip.open}
+TXT_BLOCK = 1 << 24  # bytes read at a time from a .txt file
 
 def read_documents(path, doc_sep=BLANK_LINE, whole_file=False):
     """Yield (pg_id or None, text) for every non-blank document, in a fixed order, without reading it all."""
@@ -224,7 +226,7 @@ def utf8(decoder, data, path, offset, final=False):
 def read_txt(path, doc_sep, whole_file):
     decoder, buf, offset = codecs.getincrementaldecoder('utf-8')(), '', 0
     with OPENERS.get(os.path.splitext(path)[1], open)(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 24), b''):
+        for block in iter(lambda: f.read(TXT_BLOCK), b''):
             buf += utf8(decoder, block, path, offset)
             offset += len(block)
             start = 0
@@ -273,7 +275,7 @@ def encode_batch(batch):
 
 def batches(docs, val_fraction, val_ids, found_ids, chars=1 << 20):
     """Assign each document to a split and group them into batches of about `chars` characters."""
-    batch, size = [], 0
+    batch, size, val_fraction = [], 0, Fraction(str(val_fraction))
     for k, (pg_id, text) in enumerate(docs):
         if val_ids:
             if pg_id is None:
@@ -281,7 +283,7 @@ def batches(docs, val_fraction, val_ids, found_ids, chars=1 << 20):
             val = pg_id in val_ids
             found_ids.add(pg_id)
         else:  # documents 0, 1/f, 2/f, ... : the same in every run and tier, and at least one
-            val = math.ceil((k + 1) * val_fraction) > math.ceil(k * val_fraction)
+            val = math.ceil((k + 1) * val_fraction) > math.ceil(k * val_fraction)  # exact: a Fraction
         batch.append(('val' if val else 'train', text))
         size += len(text)
         if size >= chars:

@@ -1,0 +1,11 @@
+# Scratch baseline: the ladder's final shape (stage 7, Llama 2 7B) trained from scratch,
+# for the same number of iterations as the whole ladder. Needs FSDP (issue: parallelism).
+out_dir = "out/scratch"
+data_dir = "data/gutenberg/llama2_v32000"
+vocab_size = 32000
+n_layer, n_head, head_dim, ffn_hidden, block_size = 32, 32, 128, 11008, 2048
+batch_size, grad_accum_steps = 8, 32
+max_iters = 14000
+learning_rate, min_lr, warmup_iters, decay_iters = 3e-4, 3e-5, 100, 14000
+eval_interval, eval_iters, log_interval = 250, 20, 10
+compile = True

@@ -1,0 +1,11 @@
+# Ladder stage 1: 10 layers, 5 heads of 128 (d=640), FFN 1792, vocabulary 4096.
+# `python model.py config/stage*.py` prints every stage's parameters and FLOPs per token.
+out_dir = "out/stage1"
+data_dir = "data/gutenberg/llama2_v4096"
+vocab_size = 4096
+n_layer, n_head, head_dim, ffn_hidden, block_size = 10, 5, 128, 1792, 2048
+batch_size, grad_accum_steps = 8, 32  # 0.5M tokens per iteration on 8 GPUs or 1 (accumulating)
+max_iters = 2000
+learning_rate, min_lr, warmup_iters, decay_iters = 6e-04, 6e-05, 100, 2000
+eval_interval, eval_iters, log_interval = 250, 20, 10
+compile = True

@@ -1,0 +1,13 @@
+# Ladder stage 7: 32 layers, 32 heads of 128 (d=4096), FFN 11008, vocabulary 32000.
+# `python model.py config/stage*.py` prints every stage's parameters and FLOPs per token.
+out_dir = "out/stage7"
+init_from = "grow"
+grow_from = "out/stage6/ckpt.pt"
+data_dir = "data/gutenberg/llama2_v32000"
+vocab_size = 32000
+n_layer, n_head, head_dim, ffn_hidden, block_size = 32, 32, 128, 11008, 2048
+batch_size, grad_accum_steps = 8, 32  # 0.5M tokens per iteration on 8 GPUs or 1 (accumulating)
+max_iters = 2000
+learning_rate, min_lr, warmup_iters, decay_iters = 3e-04, 3e-05, 100, 2000
+eval_interval, eval_iters, log_interval = 250, 20, 10
+compile = True

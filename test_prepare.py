@@ -1,0 +1,229 @@
+"""Tests for prepare.py: exact round trips in every tier, the shared split, errors, interrupted writes."""
+import base64, collections, json, lzma, os, random, re
+import numpy as np
+import pytest
+import prepare
+from prepare import PrepareError, load_tokenizer, read_documents
+
+ASSETS = os.environ.get('ASSETS_DIR', os.path.join(os.path.dirname(__file__), '..', 'shared', 'assets'))
+LLAMA2 = os.path.join(ASSETS, 'llama2_tokenizer.model')
+SHAKESPEARE = os.path.join(ASSETS, 'tinyshakespeare.txt')
+TIERS = [259, 4096, 8192, 16384, 32000]
+# spaces at the start, runs of spaces, tabs, digits, accents, CJK, emoji, a lone combining mark
+SMALL_DOCS = ['Hello world!', ' a leading space', '   three spaces,  two,\tand a tab', 'Zahl 2024: 3.14159',
+              'café naïve façade', '日本語のテキスト', 'emoji 🦙🚀 and e\u0301', 'ends with spaces   ', '\u2028odd line sep']
+
+pytestmark = pytest.mark.skipif(not os.path.exists(LLAMA2), reason=f'assets not found in {ASSETS}')
+
+@pytest.fixture(scope='module')
+def toks():
+    return {n: load_tokenizer(LLAMA2, n) for n in TIERS}
+
+def bin_documents(tier_dir, split, bos_id):
+    """The documents of a bin, as id lists, split at each BOS."""
+    data = np.fromfile(os.path.join(tier_dir, f'{split}.bin'), dtype=np.uint16)
+    starts = np.flatnonzero(data == bos_id).tolist() + [len(data)]
+    assert starts[0] == 0, 'a bin starts with BOS'
+    return [data[a + 1:b].tolist() for a, b in zip(starts, starts[1:])]
+
+def test_shakespeare_every_tier(tmp_path, toks):
+    prepare.prepare(SHAKESPEARE, LLAMA2, TIERS, str(tmp_path), workers=2)
+    docs = list(read_documents(SHAKESPEARE))
+    expected = {s: [t for k, (_, t) in enumerate(docs) if (k % 20 == 0) == (s == 'val')] for s in ('train', 'val')}
+    assert len(expected['val']) == 362 and len(expected['train']) == 6860
+    previous = None
+    for n in TIERS:
+        tier_dir = tmp_path / f'llama2_v{n}'
+        meta = json.loads((tier_dir / 'meta.json').read_text())
+        assert (meta['vocab_size'], meta['bos_id'], meta['tokenizer']) == (n, 1, 'llama2')
+        for s in ('train', 'val'):
+            got = bin_documents(tier_dir, s, 1)
+            assert max(max(ids) for ids in got) < n
+            assert meta[s]['tokens'] == sum(len(ids) + 1 for ids in got)
+            assert meta[s]['documents'] == len(expected[s])
+            assert meta[s]['bytes'] == sum(len(t.encode()) for t in expected[s])
+            # the full file at 4096 and 32000; a sample of documents elsewhere keeps the test fast
+            pick = range(len(got)) if n in (4096, 32000) else range(0, len(got), 7)
+            for k in pick:
+                assert toks[n].decode(got[k]) == expected[s][k], (n, s, k)  # also: the same documents in every tier
+        if previous:
+            assert meta['train']['tokens'] + meta['val']['tokens'] > previous, 'fewer pieces, more tokens'
+        previous = meta['train']['tokens'] + meta['val']['tokens']
+
+def test_small_text_round_trips(tmp_path, toks):
+    for n, tok in toks.items():
+        counts = []
+        for doc in SMALL_DOCS:
+            ids = tok.encode(doc)
+            assert max(ids) < n and tok.decode(ids) == doc, (n, doc)
+            assert tok.decode([tok.bos_id] + ids) == doc  # a BOS is dropped
+        assert tok.decode(tok.encode(' ')) == ' '
+    # the same text through prepare(): a folder of .txt files, each one document
+    for k, doc in enumerate(SMALL_DOCS):
+        (tmp_path / 'in').mkdir(exist_ok=True)
+        (tmp_path / 'in' / f'{k:02d}.txt').write_text(doc, encoding='utf-8')
+    prepare.prepare(str(tmp_path / 'in'), LLAMA2, TIERS, str(tmp_path / 'out'), val_fraction=0.25, whole_file=True,
+                    workers=1)
+    totals = []
+    for n in TIERS:
+        got = bin_documents(tmp_path / 'out' / f'llama2_v{n}', 'train', 1) + \
+            bin_documents(tmp_path / 'out' / f'llama2_v{n}', 'val', 1)
+        assert sorted(toks[n].decode(ids) for ids in got) == sorted(SMALL_DOCS)
+        totals.append(sum(map(len, got)))
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
+
+@pytest.mark.parametrize('old,new', [(259, 4096), (4096, 8192), (8192, 32000), (4096, 32000)])
+def test_old_tier_pieces(toks, old, new):
+    tok = toks[new]
+    ids = random.Random(old).sample(range(old, new), 300) + list(range(max(old, 29871), min(new, 29900)))
+    for i in ids:
+        pieces = tok.old_tier_pieces(i, old)
+        assert all(p < old for p in pieces), (i, pieces)
+        # raw pieces, concatenated; a space spelled in bytes is E2 96 81 ('▁'), as decode_bytes knows
+        assert b''.join(tok.token_bytes(p) for p in pieces).replace('▁'.encode(), b' ') == tok.token_bytes(i), i
+    piece = lambda i: tok.full_proto.pieces[i].piece
+    the, ing = tok.sp.piece_to_id('▁the'), tok.sp.piece_to_id('ing')
+    assert [piece(p) for p in toks[32000].old_tier_pieces(the, 260)] == ['▁t', 'he'] if the >= 260 else True
+    assert not piece(tok.old_tier_pieces(ing, 259)[0]).startswith('▁')  # no dummy prefix mid-word
+    assert tok.old_tier_pieces(29871, 4096) == [3 + 0xE2, 3 + 0x96, 3 + 0x81]  # a lone '▁' in byte tokens
+
+def small_rank_table(path, merges=120):
+    """A GPT-2-style .tiktoken rank file: the 256 bytes, then merges learned on tinyshakespeare."""
+    text = open(SHAKESPEARE, encoding='utf-8').read()[:200_000]
+    words = collections.Counter(tuple(bytes([c]) for c in w.encode()) for w in re.findall(r' ?\w+| ?[^\w\s]+|\s+', text))
+    ranks = {bytes([b]): b for b in range(256)}
+    for _ in range(merges):
+        pairs = collections.Counter()
+        for w, c in words.items():
+            for pair in zip(w, w[1:]):
+                pairs[pair] += c
+        a, b = max(pairs, key=pairs.get)
+        ranks[a + b] = len(ranks)
+        merged = {}
+        for w, c in words.items():
+            out, k = [], 0
+            while k < len(w):
+                if w[k:k + 2] == (a, b):
+                    out.append(a + b)
+                    k += 2
+                else:
+                    out.append(w[k])
+                    k += 1
+            merged[tuple(out)] = merged.get(tuple(out), 0) + c
+        words = merged
+    with open(path, 'wb') as f:
+        f.writelines(base64.b64encode(t) + b' %d\n' % r for t, r in ranks.items())
+    return len(ranks)
+
+def test_gpt2_family(tmp_path):
+    full = small_rank_table(tmp_path / 'ranks.tiktoken') + 1
+    tiers = [257, 300, full]
+    prepare.prepare(SHAKESPEARE, 'gpt2', tiers, str(tmp_path / 'out'), workers=2, gpt2_ranks=str(tmp_path / 'ranks.tiktoken'))
+    docs = [t for _, t in read_documents(SHAKESPEARE)]
+    totals = []
+    for n in tiers:
+        tok = load_tokenizer('gpt2', n, str(tmp_path / 'ranks.tiktoken'))
+        assert tok.bos_id == n - 1 and tok.name == 'gpt2'
+        got = bin_documents(tmp_path / 'out' / f'gpt2_v{n}', 'train', n - 1)
+        assert max(max(ids) for ids in got) < n - 1
+        assert [tok.decode(ids) for ids in got[:500]] == [t for k, t in enumerate(docs) if k % 20][:500]
+        assert all(tok.decode(tok.encode(d)) == d for d in SMALL_DOCS)
+        totals.append(json.loads((tmp_path / 'out' / f'gpt2_v{n}' / 'meta.json').read_text())['train']['tokens'])
+        for i in range(257, n):
+            pieces = tok.old_tier_pieces(i, 257)
+            assert all(p < 256 for p in pieces) and b''.join(tok.token_bytes(p) for p in pieces) == tok.token_bytes(i)
+    assert totals[0] > totals[1] > totals[2]
+
+def test_gutenberg_style_jsonl_val_ids(tmp_path, toks):
+    lines = [json.dumps(dict(pg_id=pg, title='t', text=f'Book {pg}.\n\nIt was a dark night ü.')) for pg in (5, 9, 12, 40)]
+    with lzma.open(tmp_path / 'books.jsonl.xz', 'wt', encoding='utf-8') as f:
+        f.write('\n'.join(lines) + '\n')
+    prepare.prepare(str(tmp_path / 'books.jsonl.xz'), LLAMA2, [4096], str(tmp_path), val_ids=[9, 40], workers=1)
+    got = bin_documents(tmp_path / 'llama2_v4096', 'val', 1)
+    assert [toks[4096].decode(ids) for ids in got] == ['Book 9.\n\nIt was a dark night ü.', 'Book 40.\n\nIt was a dark night ü.']
+    with pytest.raises(PrepareError, match=r'\[7\]'):
+        prepare.prepare(str(tmp_path / 'books.jsonl.xz'), LLAMA2, [4096], str(tmp_path / 'x'), val_ids=[9, 7], workers=1)
+
+def test_txt_blocks_and_separators(tmp_path, monkeypatch):
+    text = 'a\n\nb\n\n\n\nc  \n \n\nd\n' * 50 + 'ü' * 9
+    (tmp_path / 'x.txt').write_text(text, encoding='utf-8')
+    whole = [t for _, t in read_documents(str(tmp_path / 'x.txt'))]
+    for block in (1, 2, 3, 5, 7):  # a separator or a UTF-8 character cut by the block boundary
+        monkeypatch.setattr(prepare, 'TXT_BLOCK', block)
+        assert [t for _, t in read_documents(str(tmp_path / 'x.txt'))] == whole
+    assert whole == [d for d in re.split(r'\n\s*\n', text)]
+
+# -----------------------------------------------------------------------------
+# errors, each one line that says what to do
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(PrepareError, match='not found'):
+        load_tokenizer(str(tmp_path / 'missing.model'), 4096)
+    (tmp_path / 'bad.model').write_text('this is not a protobuf\n' * 10)
+    with pytest.raises(PrepareError, match='not a SentencePiece'):
+        load_tokenizer(str(tmp_path / 'bad.model'), 4096)
+    for n in (258, 32001):
+        with pytest.raises(PrepareError, match=f'tier {n} is outside 259..32000'):
+            load_tokenizer(LLAMA2, n)
+
+def test_input_errors(tmp_path):
+    (tmp_path / 'bad.txt').write_bytes('ok text\n\n'.encode() + b'caf\xe9\n')
+    with pytest.raises(PrepareError, match=r'bad.txt is not UTF-8 at byte 12'):
+        prepare.prepare(str(tmp_path / 'bad.txt'), LLAMA2, [4096], str(tmp_path / 'out'), workers=1)
+    with lzma.open(tmp_path / 'bad.jsonl.xz', 'wb') as f:
+        f.write(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(PrepareError, match=r'bad.jsonl.xz is not UTF-8 at byte 31'):
+        prepare.prepare(str(tmp_path / 'bad.jsonl.xz'), LLAMA2, [4096], str(tmp_path / 'out'), workers=1)
+    (tmp_path / 'empty.txt').write_text('\n\n  \n')
+    with pytest.raises(PrepareError, match='no documents'):
+        prepare.prepare(str(tmp_path / 'empty.txt'), LLAMA2, [4096], str(tmp_path / 'out'), workers=1)
+    assert not os.path.exists(tmp_path / 'out' / 'llama2_v4096' / 'train.bin')
+
+def test_offline_download_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, 'CACHE', str(tmp_path))
+    monkeypatch.setattr(prepare, 'LLAMA2_URL', 'http://127.0.0.1:9/tokenizer.model')  # nothing listens there
+    with pytest.raises(PrepareError, match='pass --input and --tokenizer'):
+        load_tokenizer('llama2', 4096)
+
+# -----------------------------------------------------------------------------
+# interrupted writes and re-runs
+
+def test_leftover_temporary_file_is_not_a_bin(tmp_path):
+    (tmp_path / 'in.txt').write_text('one\n\ntwo\n\nthree')
+    tier = tmp_path / 'out' / 'llama2_v4096'
+    tier.mkdir(parents=True)
+    (tier / 'train.bin.tmp').write_bytes(b'\x01\x00' * 3)  # what a killed run leaves behind
+    (tier / 'val.bin.tmp').write_bytes(b'')
+    prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [4096], str(tmp_path / 'out'), val_fraction=0.3, workers=1)
+    assert sorted(os.listdir(tier)) == ['meta.json', 'train.bin', 'val.bin']
+    assert json.loads((tier / 'meta.json').read_text())['train']['documents'] == 2
+
+def test_failed_worker_fails_run_and_rerun_completes(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'in.txt').write_text('\n\n'.join(f'document {k}' for k in range(40)))
+    args = (str(tmp_path / 'in.txt'), LLAMA2, [4096, 8192], str(tmp_path / 'out'))
+    prepare.prepare(*args, workers=2)
+    original = prepare.SentencePieceTokenizer.encode
+
+    def broken(self, text):  # the forked workers inherit this
+        if text == 'document 33':
+            raise RuntimeError('worker died')
+        return original(self, text)
+    monkeypatch.setattr(prepare.SentencePieceTokenizer, 'encode', broken)
+    with pytest.raises(RuntimeError, match='worker died'):
+        prepare.prepare(*args, val_fraction=0.5, workers=2)  # a new split: both tiers are rebuilt, and fail
+    tier = tmp_path / 'out' / 'llama2_v4096'
+    assert not (tier / 'meta.json').exists(), 'the old bins must not pass for the new split'
+    monkeypatch.undo()
+    prepare.prepare(*args, val_fraction=0.5, workers=2)
+    assert json.loads((tier / 'meta.json').read_text())['val']['documents'] == 20
+    capsys.readouterr()
+    mtime = os.path.getmtime(tier / 'train.bin')
+    prepare.prepare(*args, val_fraction=0.5, workers=2)
+    assert 'complete, skipping' in capsys.readouterr().out and os.path.getmtime(tier / 'train.bin') == mtime
+
+def test_inspect(tmp_path, capsys):
+    (tmp_path / 'in.txt').write_text('To be, or not to be.\n\nThat is the question.')
+    prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [4096], str(tmp_path), val_fraction=0.5, workers=1)
+    prepare.inspect(str(tmp_path / 'llama2_v4096'), LLAMA2)
+    out = capsys.readouterr().out
+    assert 'bytes/token' in out and 'To be, or not to be.' in out
