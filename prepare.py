@@ -104,7 +104,7 @@ class SentencePieceTokenizer(Tokenizer):
         # the first pieces are <unk> <s> </s> and the 256 bytes (259 for Llama 2): every tier needs them all
         n_special = next(i for i, p in enumerate(proto.pieces) if p.type == p.NORMAL)
         check_vocab_size(vocab_size, n_special, len(proto.pieces), path)
-        self.path, self.sha256, self.vocab_size, self.full_proto = path, file_sha256(path), vocab_size, proto
+        self.sha256, self.vocab_size, self.full_proto = file_sha256(path), vocab_size, proto
         self.name = 'llama2' if self.sha256 == LLAMA2_SHA256 else os.path.splitext(os.path.basename(path))[0]
         self.bos_id = proto.trainer_spec.bos_id
         self.sp = self.truncated(vocab_size, dummy_prefix=True)
@@ -158,7 +158,7 @@ class TiktokenTokenizer(Tokenizer):
             ranks, pat_str = spec['mergeable_ranks'], spec['pat_str']
         check_vocab_size(vocab_size, 257, len(ranks) + 1, ranks_path or 'gpt2')
         canonical = b''.join(base64.b64encode(t) + b' %d\n' % r for t, r in sorted(ranks.items(), key=lambda x: x[1]))
-        self.path, self.name, self.vocab_size, self.bos_id = ranks_path, 'gpt2', vocab_size, vocab_size - 1
+        self.name, self.vocab_size, self.bos_id = 'gpt2', vocab_size, vocab_size - 1
         self.sha256 = hashlib.sha256(canonical).hexdigest()  # equals the sha256 of a .tiktoken file of these ranks
         self.ranks = {t: r for t, r in ranks.items() if r < vocab_size - 1}
         self.enc = tiktoken.Encoding(f'gpt2_v{vocab_size}', pat_str=pat_str, mergeable_ranks=self.ranks,
@@ -329,8 +329,8 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
         for n in secs:
             seconds[n] += secs[n]
 
-    spec = toks[todo[0]].path or 'gpt2'
-    with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(spec, todo, gpt2_ranks)) as pool:
+    # the workers load the tokenizer as this process did (a download is cached by now)
+    with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(tokenizer, todo, gpt2_ranks)) as pool:
         pending = deque()  # a few batches in flight keep every worker busy and memory bounded
         docs = read_documents(input, doc_sep, whole_file)
         for batch in batches(docs, val_fraction, set(val_ids or ()), found_ids):
