@@ -160,12 +160,19 @@ class Attention(nn.Module):
         self.wo = Growable(d, hd, gen=gen)
         self.n_head, self.head_dim, self.dropout = config.n_head, config.head_dim, config.dropout
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
         B, T, _ = x.shape
         q, k, v = (F.linear(x, w.weight).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
                    for w in (self.wq, self.wk, self.wv))  # (B, n_head, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        mask = None
+        if cache is not None:  # keep this step's keys and values, attend over the whole prefix
+            cache_k, cache_v = cache  # (B, n_head, max_len, head_dim)
+            cache_k[:, :, start_pos:start_pos + T], cache_v[:, :, start_pos:start_pos + T] = k, v
+            k, v = cache_k[:, :, :start_pos + T], cache_v[:, :, :start_pos + T]
+            if start_pos > 0:  # query i sits at start_pos + i; is_causal would align it to key i
+                mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.wo.weight)
 
@@ -190,8 +197,8 @@ class Block(nn.Module):
         self.attn, self.ffn = Attention(config, gen), FeedForward(config, gen)
         self.eps = config.norm_eps
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(rms_norm(x, self.attn_norm.weight, self.eps), cos, sin)
+    def forward(self, x, cos, sin, cache=None, start_pos=0):
+        x = x + self.attn(rms_norm(x, self.attn_norm.weight, self.eps), cos, sin, cache, start_pos)
         return x + self.ffn(rms_norm(x, self.ffn_norm.weight, self.eps))
 
 
@@ -218,20 +225,52 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None, start_pos=0):
+        """kv_cache: None, or one (k, v) pair per layer from new_kv_cache, holding positions
+        < start_pos; idx then holds the tokens at start_pos.. (generation feeds only new tokens)."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"sequence length {start_pos + T} exceeds block_size {self.config.block_size}")
         x = F.embedding(idx, self.tok_emb.weight)  # (B, T, d)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        for block in self.layers:
-            x = block(x, cos, sin)
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        for block, cache in zip(self.layers, kv_cache or [None] * len(self.layers)):
+            x = block(x, cos, sin, cache, start_pos)
         x = rms_norm(x, self.norm.weight, self.config.norm_eps)
         logits = F.linear(x, self.lm_head.weight)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
+
+    def new_kv_cache(self, batch_size, max_len):
+        """Per layer, preallocated keys and values: (B, n_head, max_len, head_dim) each."""
+        c, p = self.config, next(self.parameters())
+        return [tuple(torch.zeros(batch_size, c.n_head, max_len, c.head_dim, dtype=p.dtype, device=p.device)
+                      for _ in "kv") for _ in self.layers]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Continue idx (B, T) by max_new_tokens sampled tokens; temperature 0 is greedy. With the
+        cache every step runs only the new token; without it, the whole sequence again."""
+        if idx.size(1) + max_new_tokens > self.config.block_size:
+            raise ValueError(f"{idx.size(1)} prompt + {max_new_tokens} new tokens exceed "
+                             f"block_size {self.config.block_size}")
+        cache = self.new_kv_cache(idx.size(0), idx.size(1) + max_new_tokens) if use_cache else None
+        pos = 0  # tokens already in the cache
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, pos:], kv_cache=cache, start_pos=pos)
+            pos = idx.size(1) if use_cache else 0
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                idx_next = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
 
     def get_num_params(self, non_embedding=False):
         """Parameter count; non_embedding drops the token embedding (a lookup, no FLOPs)."""
