@@ -65,7 +65,7 @@ warmup_iters = 10
 decay_iters = 100
 min_lr = 3e-4
 lr_mult = 1.0
-lr_mode = "generation"  # 'generation' (each its own schedule) | 'global' (this schedule, from iteration 0, for all)
+lr_mode = "generation"  # 'generation' (each its own schedule) | 'global' (this stage's schedule for all)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -253,8 +253,8 @@ log(f"config: {json.dumps(config)}")
 
 def get_lr(sched, it):
     """Learning rate of a generation at global iteration it: its own clock starts at birth."""
-    if lr_mode == "global":
-        sched = {**schedule, "birth": 0}
+    if lr_mode == "global":  # one schedule for all, restarted at each stage, as a single optimizer LR gives
+        sched = {**schedule, "birth": stage_start}
     t = it - sched["birth"]
     if t < sched["warmup"]:
         lr = sched["lr"] * (t + 1) / (sched["warmup"] + 1)

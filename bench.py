@@ -1,0 +1,113 @@
+"""
+Time training steps (forward, backward, fused AdamW) on synthetic data, after warm-up, with
+CUDA events. In one run it compares, for the shape of a config:
+    fresh      a freshly built model
+    grown      the same shape reached by growing through three generations, blocks not condensed
+    condensed  the grown model with its blocks merged into one per weight
+each eager and compiled (per block). MFU counts 6 FLOPs per weight per token plus attention
+with the causal discount (only the lower triangle of the scores is computed).
+
+    python bench.py config/stage1.py
+    torchrun --standalone --nproc_per_node=2 bench.py config/stage1.py --variants=fresh  # DDP scaling
+"""
+
+import json
+import os
+
+import torch
+import torch._dynamo
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from grow import condense, grow_model
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+vocab_size, n_layer, n_head, head_dim, ffn_hidden, block_size = 4096, 10, 5, 128, 1792, 2048
+batch_size = 8
+warmup_steps, timed_steps = 10, 20
+variants = "fresh,grown,condensed"
+compile_modes = "eager,compiled"
+peak_flops = 989e12
+peak_flops_name = "H100/H200 SXM bf16 dense"
+out_json = ""  # also write the results here
+# the config files set training keys bench ignores
+(out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters,
+ eval_interval, eval_iters, log_interval, compile, grad_accum_steps) = (None,) * 14
+# -----------------------------------------------------------------------------
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+
+ddp = "RANK" in os.environ
+if ddp:
+    dist.init_process_group("nccl")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+device = torch.device("cuda", torch.cuda.current_device())
+torch.backends.cuda.matmul.allow_tf32 = True
+final = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
+                  ffn_hidden=ffn_hidden, block_size=block_size)
+
+
+def build(variant):
+    if variant == "fresh":
+        return GPT(final)
+    # three generations: about half, then three quarters, then the full shape on every axis
+    model = None
+    for f in (0.5, 0.75, 1.0):
+        c = GPTConfig(vocab_size=int(vocab_size * f), n_layer=max(1, round(n_layer * f)),
+                      n_head=max(1, round(n_head * f)), head_dim=head_dim,
+                      ffn_hidden=8 * round(ffn_hidden * f / 8), block_size=block_size)
+        model = GPT(c) if model is None else grow_model(model, c, vocab_init="random")[0]
+    if variant == "condensed":
+        model, _ = condense(model, max(model.generations()))
+    return model
+
+
+def bench(variant, compiled):
+    torch.manual_seed(0)
+    model = build(variant).to(device)
+    if compiled:
+        for block in model.layers:
+            block.compile()
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=True)
+    runner = DDP(model, device_ids=[device.index]) if ddp else model
+    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch._dynamo.utils.counters.clear()
+    for step in range(warmup_steps + timed_steps):
+        if step == warmup_steps:
+            start.record()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = runner(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    end.record()
+    torch.cuda.synchronize()
+    dt = start.elapsed_time(end) / 1e3 / timed_steps
+    tok_per_s = batch_size * block_size / dt  # per GPU
+    return dict(variant=variant, compiled=compiled, gpus=world, blocks=sum(1 for _ in model.parameters()),
+                step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
+                mfu=model.flops_per_token(block_size) * tok_per_s / peak_flops,
+                compiled_frames=torch._dynamo.utils.counters["stats"]["unique_graphs"],
+                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
+
+
+results = []
+for variant in variants.split(","):
+    for mode in compile_modes.split(","):
+        r = bench(variant, mode == "compiled")
+        results.append(r)
+        if rank == 0:
+            print(f"{variant:9s} {mode:8s} {r['blocks']:4d} blocks  {r['step_ms']:8.1f} ms/step  "
+                  f"{r['tok_per_s_per_gpu']:10,.0f} tok/s/GPU  MFU {100 * r['mfu']:5.1f}%  "
+                  f"graphs {r['compiled_frames']}  peak {r['peak_mem_gb']:.1f} GiB", flush=True)
+        torch.cuda.reset_peak_memory_stats()
+if rank == 0:
+    print(f"{torch.cuda.get_device_name()}, {world} GPU(s), batch {batch_size}x{block_size}, "
+          f"MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}), causal attention FLOPs")
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), config=str(final), results=results), f, indent=1)
+if ddp:
+    dist.destroy_process_group()

@@ -1,0 +1,11 @@
+# Growth experiment: stage 3's shape from scratch, with more FLOPs than the whole ladder.
+out_dir = "out/exp/scratch"
+data_dir = "data/gutenberg/llama2_v32000"
+vocab_size = 32000
+n_layer, n_head, head_dim, ffn_hidden = 12, 6, 128, 2048
+max_iters = 2200
+learning_rate, min_lr, warmup_iters, decay_iters = 1e-3, 1e-4, 100, 2200
+block_size = 1024
+batch_size, grad_accum_steps = 64, 1  # 64k tokens per iteration
+eval_interval, eval_iters, log_interval = 100, 8, 50
+compile = True

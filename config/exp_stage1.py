@@ -1,0 +1,11 @@
+# Growth experiment (experiment.py), stage 1: 6 layers, d=512, vocabulary 4096.
+out_dir = "out/exp/ladder_s1"
+data_dir = "data/gutenberg/llama2_v4096"
+vocab_size = 4096
+n_layer, n_head, head_dim, ffn_hidden = 6, 4, 128, 1536
+max_iters = 1500
+learning_rate, min_lr, warmup_iters, decay_iters = 1e-3, 1e-4, 100, 1500
+block_size = 1024
+batch_size, grad_accum_steps = 64, 1  # 64k tokens per iteration
+eval_interval, eval_iters, log_interval = 100, 8, 50
+compile = True

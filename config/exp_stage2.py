@@ -1,0 +1,13 @@
+# Growth experiment (experiment.py), stage 2: 8 layers, d=640, vocabulary 8192.
+out_dir = "out/exp/ladder_s2"
+init_from = "grow"
+grow_from = "out/exp/ladder_s1/ckpt.pt"
+data_dir = "data/gutenberg/llama2_v8192"
+vocab_size = 8192
+n_layer, n_head, head_dim, ffn_hidden = 8, 5, 128, 1792
+max_iters = 1300
+learning_rate, min_lr, warmup_iters, decay_iters = 1e-3, 1e-4, 100, 1300
+block_size = 1024
+batch_size, grad_accum_steps = 64, 1  # 64k tokens per iteration
+eval_interval, eval_iters, log_interval = 100, 8, 50
+compile = True
