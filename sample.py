@@ -1,0 +1,84 @@
+"""
+Sample from a checkpoint, decoding through the checkpoint's own vocabulary tier.
+
+$ python sample.py --ckpt out/stage2/ckpt.pt --prompt "ROMEO:" --num_samples 3 --max_new_tokens 100
+$ python sample.py --ckpt out/stage2/ckpt.pt --prompt_file prompt.txt --temperature 0     # greedy
+$ python sample.py --ckpt out/stage2/ckpt.pt --no_cache      # recompute the prefix at every step
+
+Each sample ends with its speed in tokens/s (prompt processing included); --no_cache shows what
+the KV cache saves.
+"""
+import argparse
+import time
+
+import torch
+
+from grow import condense
+from model import load_checkpoint, model_from_checkpoint
+from prepare import PrepareError, load_tokenizer
+
+
+def checkpoint_tokenizer(ckpt, path=None):
+    """The tokenizer tier the checkpoint was trained on; path says where its file is, if not
+    where prepare.py finds it by name. The file must be the one the checkpoint names."""
+    data = ckpt["data"]
+    try:
+        tok = load_tokenizer(path or data["tokenizer"], data["vocab_size"])
+    except PrepareError as e:
+        raise SystemExit(f"tokenizer: {e}")
+    if tok.sha256 != data["tokenizer_sha256"]:
+        raise SystemExit(f"{path or data['tokenizer']} is not the tokenizer this checkpoint was trained "
+                         f"with (sha256 {data['tokenizer_sha256'][:12]}...); pass the right --tokenizer")
+    return tok
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], allow_abbrev=False)
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    ap.add_argument("--prompt_file", help="read the prompt from this file instead")
+    ap.add_argument("--num_samples", type=int, default=3)
+    ap.add_argument("--max_new_tokens", type=int, default=100)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    ap.add_argument("--top_k", type=int, default=200, help="0 keeps every token")
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--no_cache", action="store_true", help="run without the KV cache (slower)")
+    ap.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--tokenizer", help="the checkpoint's tokenizer file, if prepare.py cannot find it by name")
+    args = ap.parse_args(argv)
+
+    ckpt = load_checkpoint(args.ckpt)
+    tok = checkpoint_tokenizer(ckpt, args.tokenizer)
+    model = model_from_checkpoint(ckpt)
+    del ckpt
+    # one block per weight: assembling generation blocks at every step would cost a copy per weight
+    condense(model, max(model.generations()))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    model.to(device, dtype).eval()
+
+    prompt = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+    ids = [tok.bos_id] + tok.encode(prompt)  # training documents start with BOS
+    block_size = model.config.block_size
+    if len(ids) + args.max_new_tokens > block_size:
+        raise SystemExit(f"the prompt is {len(ids)} tokens (with BOS) and {args.max_new_tokens} new tokens "
+                         f"do not fit block_size {block_size}; shorten the prompt or --max_new_tokens")
+    x = torch.tensor([ids], device=device)
+
+    torch.manual_seed(args.seed)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    for _ in range(args.num_samples):
+        sync()
+        t0 = time.perf_counter()
+        y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k or None, use_cache=not args.no_cache)
+        sync()
+        dt = time.perf_counter() - t0
+        print(tok.decode(y[0, 1:].tolist()))
+        print(f"---------- {args.max_new_tokens} tokens in {dt:.2f}s: {args.max_new_tokens / dt:.1f} tokens/s "
+              f"(KV cache {'off' if args.no_cache else 'on'}, {device}, {str(dtype)[6:]})")
+
+
+if __name__ == "__main__":
+    main()

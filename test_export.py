@@ -1,0 +1,101 @@
+"""Tests for the KV cache, sample.py and export.py, on a three-generation grown tiny model."""
+import json
+import os
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+import export
+import sample
+from grow import grow_model
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from prepare import load_tokenizer
+
+ASSETS = os.environ.get("ASSETS_DIR", os.path.join(os.path.dirname(__file__), "..", "shared", "assets"))
+LLAMA2 = os.path.join(ASSETS, "llama2_tokenizer.model")
+TIER = 1024
+pytestmark = pytest.mark.skipif(not os.path.exists(LLAMA2), reason=f"assets not found in {ASSETS}")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(LLAMA2, TIER)
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory, tok):
+    """Three generations (512 -> 768 -> 1024 tokens, wider and deeper each time), every weight
+    moved off its init so the zero writers of the grown blocks take part."""
+    torch.manual_seed(0)
+    c = GPTConfig(vocab_size=512, n_layer=2, n_head=2, head_dim=8, ffn_hidden=32, block_size=64, rope_theta=500.0)
+    model = GPT(c)
+    for grown in (replace(c, vocab_size=768, n_layer=3, n_head=3, ffn_hidden=48),
+                  replace(c, vocab_size=TIER, n_layer=4, n_head=4, ffn_hidden=64)):
+        model, _ = grow_model(model, grown, vocab_init="random")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert model.generations() == [0, 1, 2] and model.config.norm_eps != c.norm_eps
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": asdict(model.config),
+                     "optimizer": {}, "generations": [], "iter_num": 0,
+                     "data": {"tokenizer": "llama2", "tokenizer_sha256": tok.sha256, "vocab_size": TIER,
+                              "data_dir": ""}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt_path):
+    return model_from_checkpoint(load_checkpoint(ckpt_path)).eval()
+
+
+def test_export_logits_match_transformers(ckpt_path, model, tmp_path):
+    from transformers import LlamaForCausalLM
+    export.main(["--ckpt", ckpt_path, "--out_dir", str(tmp_path), "--tokenizer", LLAMA2])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["rms_norm_eps"] == model.config.norm_eps and config["vocab_size"] == TIER
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    idx = torch.randint(0, TIER, (2, model.config.block_size), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], hf(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_export_tokenizer_is_the_tier(ckpt_path, tok, tmp_path):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    export.main(["--ckpt", ckpt_path, "--out_dir", str(tmp_path), "--tokenizer", LLAMA2])
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    text = "  To be, or not to be: that is the question. Café 日本 🦙"
+    assert sp.get_piece_size() == TIER and sp.encode(text) == tok.encode(text)
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = hf_tok(text)["input_ids"]
+    assert len(hf_tok) == TIER and ids[0] == tok.bos_id and max(ids) < TIER  # see export.py on transformers 5
+
+
+def test_greedy_with_cache_equals_without(model):
+    idx = torch.randint(0, TIER, (2, 7), generator=torch.Generator().manual_seed(2))
+    cached = model.generate(idx, 40, temperature=0, use_cache=True)
+    assert torch.equal(cached, model.generate(idx, 40, temperature=0, use_cache=False))
+
+
+def test_cache_in_chunks_equals_full_forward(model):
+    """Several tokens at start_pos > 0 is the case where is_causal alone would be wrong."""
+    idx = torch.randint(0, TIER, (2, 40), generator=torch.Generator().manual_seed(3))
+    cache = model.new_kv_cache(2, 40)
+    with torch.no_grad():
+        chunks = [model(idx[:, a:b], kv_cache=cache, start_pos=a)[0] for a, b in ((0, 9), (9, 10), (10, 40))]
+        full = model(idx)[0]
+    assert (torch.cat(chunks, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_sample_cli(ckpt_path, capsys):
+    sample.main(["--ckpt", ckpt_path, "--tokenizer", LLAMA2, "--prompt", "ROMEO:", "--num_samples", "2",
+                 "--max_new_tokens", "10", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert out.startswith("ROMEO:") and out.count("tokens/s (KV cache on") == 2
+    with pytest.raises(SystemExit, match="do not fit block_size 64"):
+        sample.main(["--ckpt", ckpt_path, "--tokenizer", LLAMA2, "--prompt", "word " * 60, "--device", "cpu"])
+    with pytest.raises(SystemExit, match="not a SentencePiece BPE model"):
+        sample.main(["--ckpt", ckpt_path, "--tokenizer", ckpt_path])
