@@ -27,7 +27,7 @@ LLAMA2_URL = 'https://raw.githubusercontent.com/karpathy/llama2.c/master/tokeniz
 LLAMA2_SHA256 = '9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347'
 BLANK_LINE = r'\n\s*\n'
 GUTENBERG_VAL_IDS = [159, 215, 564, 600, 696, 1424, 1572, 1689, 2130, 2527, 2814, 8164, 11339, 28767, 50701, 51461]
-DATASETS = {  # name -> (url, sha256 or None: then the server's LFS sha256 is checked if it sends one)
+DATASETS = {  # sha256 None: the server's LFS sha256 is checked if it sends one
     'tinyshakespeare': dict(url='https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
                             sha256='86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'),
     'tinystories': dict(url='https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt',
@@ -52,7 +52,6 @@ def download(url, path, sha256=None):
         return path
     import requests
     from tqdm import tqdm
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     part = path + '.part'
     have = os.path.getsize(part) if os.path.exists(part) else 0
     try:
@@ -62,6 +61,7 @@ def download(url, path, sha256=None):
         etag = r.headers.get('x-linked-etag', '').strip('"')  # Hugging Face sends an LFS file's sha256 here
         sha256 = sha256 or (etag if re.fullmatch(r'[0-9a-f]{64}', etag) else None)
         total = have + int(r.headers.get('content-length', 0))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(part, 'ab' if have else 'wb') as f, tqdm(total=total, initial=have, unit='B', unit_scale=True,
                                                             desc=os.path.basename(path)) as bar:
             for block in r.iter_content(1 << 20):
@@ -90,13 +90,13 @@ class Tokenizer:
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path, vocab_size):
-        import sentencepiece as spm
         from sentencepiece import sentencepiece_model_pb2 as pb
         if not os.path.isfile(path):
             raise PrepareError(f'tokenizer {path} not found; pass --tokenizer PATH/tokenizer.model, llama2 or gpt2')
         proto = pb.ModelProto()
-        try:
-            proto.ParseFromString(open(path, 'rb').read())
+        try:  # other bytes either fail to parse or parse into a proto without pieces
+            with open(path, 'rb') as f:
+                proto.ParseFromString(f.read())
         except Exception:
             proto.Clear()
         if not proto.pieces or proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
