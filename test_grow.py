@@ -1,0 +1,472 @@
+"""
+The invariants of growth (DESIGN.md sections 3-4), on the CPU, in float64, on tiny random models:
+
+    function     a grown model gives the old logits on the old vocabulary, to float64 round-off
+    gradients    the first backward pass gives every old block the gradient it had before growth
+    trainable    two AdamW steps move every row and every column of every new block
+    Adam state   old blocks keep theirs bit for bit, keyed by name; new blocks start at step 0
+    condense     merging generations keeps the logits and glues the Adam moments like the weights
+    compile      torch.compile(fullgraph=True) gives the eager logits, grown or not
+    errors       every bad request is a clear one-line error, and the CLI writes nothing
+
+    python -m pytest -q test_grow.py
+"""
+
+import copy
+import math
+import random
+import sys
+import types
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+import grow
+from grow import GrowError, condense, grow_model
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig, Growable, block_generation, load_checkpoint, \
+    model_from_checkpoint, save_checkpoint
+
+SEEDS = range(3)
+
+# -----------------------------------------------------------------------------
+# tiny models, growth requests, inputs
+
+
+def tiny_config(rng):
+    return GPTConfig(vocab_size=rng.randint(50, 120), n_layer=rng.randint(1, 3), n_head=rng.randint(1, 3),
+                     head_dim=rng.choice([4, 6, 8]), ffn_hidden=8 * rng.randint(1, 4),
+                     block_size=rng.randint(8, 16), rope_theta=10000.0, norm_eps=1e-5, dropout=0.0)
+
+
+def tiny_model(config, seed):
+    """A float64 model with O(1) activations and logits (so that eps matters and round-off is
+    the only difference left to see) and norm gains other than 1 (so the sqrt(d_old/d_new)
+    factor is tested on something)."""
+    torch.manual_seed(seed)
+    model = GPT(config).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(std=p.shape[1] ** -0.5)
+    return model
+
+
+class FakeTokenizer:
+    """prepare.load_tokenizer's interface: ids below the old tier are themselves; a new token
+    is spelled by one to four older ids (a fixed function of the token, so tests can ask again)."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def old_tier_pieces(self, token_id, old_vocab_size):
+        if token_id < old_vocab_size:
+            return [token_id]
+        r = random.Random(token_id)
+        return [r.randrange(old_vocab_size) for _ in range(r.randint(1, 4))]
+
+
+GROWTHS = {  # name: (axes that grow, grow_model options)
+    "depth_top": (("n_layer",), dict(layer_place="top")),
+    "depth_interleave": (("n_layer",), dict(layer_place="interleave")),
+    "heads": (("n_head",), {}),
+    "ffn_hidden": (("ffn_hidden",), {}),
+    "vocab": (("vocab_size",), {}),
+    "block_size": (("block_size",), {}),
+    "all": (("n_layer", "n_head", "ffn_hidden", "vocab_size"), dict(layer_place="interleave")),
+}
+ADDS_WEIGHTS = [g for g in GROWTHS if g != "block_size"]
+
+
+def repeats(growth):
+    """'all' is applied twice in a row: three generations, and growth of a grown model."""
+    return 2 if growth == "all" else 1
+
+
+def bigger(config, axes, rng):
+    step = dict(n_layer=rng.randint(1, 3), n_head=rng.randint(1, 2), ffn_hidden=8 * rng.randint(1, 3),
+                vocab_size=rng.randint(1, 30), block_size=rng.randint(1, 8))
+    return replace(config, **{a: getattr(config, a) + step[a] for a in axes})
+
+
+def grow_by(model, growth, rng, optim_state=None, **options):
+    """Apply growth `repeats(growth)` times, in place; return the name-keyed Adam state."""
+    axes, defaults = GROWTHS[growth]
+    for _ in range(repeats(growth)):
+        new = bigger(model.config, axes, rng)
+        model, optim_state = grow_model(model, new, optim_state, tokenizer=FakeTokenizer(new.vocab_size),
+                                        **{**defaults, **options})
+    return optim_state
+
+
+def tokens(vocab_size, B, T, seed):
+    return torch.randint(vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def every_token_batch(vocab_size, T, seed):
+    """Random (idx, targets) in which every id occurs as input, so every embedding row gets a gradient."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.cat([torch.randperm(vocab_size, generator=g), torch.randint(vocab_size, (-vocab_size % T,), generator=g)])
+    idx = ids[torch.randperm(len(ids), generator=g)].view(-1, T)
+    return idx, torch.randint(vocab_size, idx.shape, generator=g)
+
+
+def assert_round_off(actual, expected, what=""):
+    """Equal to float64 round-off: 1e-12 of the values' scale. (float64 eps is 2e-16; an
+    RMSNorm eps left unscaled would already be off by about 1e-5.)"""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12 * expected.abs().max().item(),
+                               msg=lambda m: f"{what}: {m}")
+
+
+def adamw(model, state=None):
+    """A fresh AdamW over the model's generation groups, loaded with name-keyed state."""
+    opt = torch.optim.AdamW(model.param_groups(weight_decay=0.0), lr=1e-2)
+    for name, p in model.named_parameters():
+        if name in (state or {}):
+            opt.state[p] = state[name]
+    return opt
+
+
+def train(model, opt, steps, seed):
+    for i in range(steps):
+        idx, targets = every_token_batch(model.config.vocab_size, model.config.block_size, seed + i)
+        _, loss = model(idx, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def named_state(model, opt):
+    return {n: opt.state[p] for n, p in model.named_parameters() if p in opt.state}
+
+
+# -----------------------------------------------------------------------------
+# function preservation
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("growth", GROWTHS)
+def test_growth_preserves_logits(growth, seed):
+    rng = random.Random(seed)
+    model = tiny_model(tiny_config(rng), seed)
+    old = model.config
+    idx = tokens(old.vocab_size, 3, old.block_size, seed)
+    before, _ = model(idx)
+
+    grow_by(model, growth, rng)
+    # a longer context than the old model could take: its first block_size positions are the old ones
+    longer = torch.cat([idx, tokens(old.vocab_size, 3, model.config.block_size - old.block_size, seed + 1)], 1)
+    after, _ = model(longer)
+    assert_round_off(after[:, :old.block_size, :old.vocab_size], before, growth)
+    if growth == "all":
+        assert model.generations() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_copied_layers_change_the_function(seed):
+    """The ablation layer_init='copy' is real: a copy of a layer is not the identity."""
+    rng = random.Random(seed)
+    model = tiny_model(tiny_config(rng), seed)
+    idx = tokens(model.config.vocab_size, 3, model.config.block_size, seed)
+    before, _ = model(idx)
+    grow_by(model, "depth_top", rng, layer_init="copy")
+    after, _ = model(idx)
+    assert (after - before).abs().max() > 1e-3 * before.abs().max()
+
+
+def write_checkpoint(model, path, optimizer=None):
+    save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": asdict(model.config),
+                     "optimizer": optimizer or {}, "generations": [], "iter_num": 0}, path)
+
+
+def cli_shape(config):
+    return [f"--{k}={getattr(config, k)}" for k in ("n_layer", "n_head", "ffn_hidden", "vocab_size", "block_size")]
+
+
+@pytest.fixture
+def fake_prepare(monkeypatch):
+    """grow.py takes prepare.load_tokenizer for vocab_init=mean: serve a FakeTokenizer whose
+    size is the --tokenizer argument, so the test does not depend on a tokenizer file."""
+    module = types.ModuleType("prepare")
+    module.load_tokenizer = lambda path, vocab_size: FakeTokenizer(int(path))
+    monkeypatch.setitem(sys.modules, "prepare", module)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cli_round_trip_preserves_logits(tmp_path, fake_prepare, seed):
+    """Grow a checkpoint twice through grow.py's CLI; the file's model keeps the function."""
+    rng = random.Random(seed)
+    model = tiny_model(tiny_config(rng), seed)
+    idx = tokens(model.config.vocab_size, 3, model.config.block_size, seed)
+    opt = adamw(model)
+    train(model, opt, 1, seed)  # the checkpoint carries Adam state, as a trained one does
+    before, _ = model(idx)
+    path, config = tmp_path / "gen0.pt", model.config
+    write_checkpoint(model, path, named_state(model, opt))
+    for gen in (1, 2):
+        config = bigger(config, GROWTHS["all"][0], rng)
+        out = tmp_path / f"gen{gen}.pt"
+        grow.main(["--ckpt", str(path), "--out", str(out), f"--tokenizer={config.vocab_size}",
+                   f"--layer_place={rng.choice(['top', 'interleave'])}", *cli_shape(config)])
+        path = out
+
+    ckpt = load_checkpoint(path)
+    grown = model_from_checkpoint(ckpt)
+    assert replace(grown.config, norm_eps=config.norm_eps) == config
+    assert grown.generations() == [0, 1, 2]
+    assert set(ckpt["optimizer"]) == {n for n, _ in grown.named_parameters() if block_generation(n) == 0}
+    after, _ = grown(idx)
+    assert_round_off(after[..., :model.config.vocab_size], before, "after grow.py twice")
+
+
+@pytest.mark.xfail(strict=True, reason="grow.py:243 describes the old model with `model`, which "
+                   "grow_model has already grown in place: the 'old:' line shows the new parameter count")
+def test_cli_reports_the_old_parameter_count(tmp_path, fake_prepare, capsys):
+    model = tiny_model(tiny_config(random.Random(0)), 0)
+    write_checkpoint(model, tmp_path / "in.pt")
+    grow.main(["--ckpt", str(tmp_path / "in.pt"), "--out", str(tmp_path / "out.pt"),
+               f"--n_layer={model.config.n_layer + 1}", "--vocab_init=random"])
+    old_line = capsys.readouterr().out.splitlines()[0]
+    assert old_line.endswith(f": {model.get_num_params():,} params"), old_line
+
+
+# -----------------------------------------------------------------------------
+# training after growth: gradients, trainability, Adam state
+
+
+def probe_gradients(model, idx, weights):
+    """Gradients of a loss of the old-vocabulary logits only (new tokens change the softmax, not
+    these logits), keyed by Parameter identity: growth keeps every old block's Parameter object,
+    while inserting layers shifts the names."""
+    model.zero_grad(set_to_none=True)
+    logits, _ = model(idx)
+    (logits[..., :weights.shape[-1]] * weights).sum().backward()
+    return {id(p): (n, p.grad.clone()) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("growth", GROWTHS)
+def test_first_gradients_of_old_blocks_are_unchanged(growth, seed):
+    rng = random.Random(seed)
+    model = tiny_model(tiny_config(rng), seed)
+    old = model.config
+    idx = tokens(old.vocab_size, 3, old.block_size, seed)
+    weights = torch.randn(3, old.block_size, old.vocab_size, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(seed))
+    before = probe_gradients(model, idx, weights)
+    grow_by(model, growth, rng)
+    after = probe_gradients(model, idx, weights)
+    # an RMSNorm gain was multiplied by sqrt(d_old/d_new) while the rms it divides by shrank by the
+    # same factor, so dL/dgain = dL/dy * x / rms grows by sqrt(d_new/d_old); every other block's is kept
+    gain_factor = math.sqrt(model.config.n_embd / old.n_embd)
+    assert set(before) <= set(after), "an old block left the model"
+    for key, (name, grad) in before.items():
+        assert_round_off(after[key][1], grad * gain_factor if grad.dim() == 1 else grad, f"{name} -> {after[key][0]}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("growth", ADDS_WEIGHTS)
+def test_two_adamw_steps_move_every_row_and_column_of_new_blocks(growth, seed):
+    """Where one side of a new path is zero, the other side gets its gradient at the second step:
+    after two steps nothing new may still sit exactly at its init (a dead unit never would move)."""
+    rng = random.Random(seed)
+    model = tiny_model(tiny_config(rng), seed)
+    grow_by(model, growth, rng)
+    new = {n: p.detach().clone() for n, p in model.named_parameters() if block_generation(n) > 0}
+    assert new
+    train(model, adamw(model), 2, seed)
+    for name, init in new.items():
+        moved = model.get_parameter(name) != init
+        if moved.dim() == 1:
+            assert moved.all(), f"{name}: entries {(~moved).nonzero().flatten().tolist()} did not move"
+        else:
+            assert moved.any(1).all(), f"{name}: rows {(~moved.any(1)).nonzero().flatten().tolist()} did not move"
+            assert moved.any(0).all(), f"{name}: columns {(~moved.any(0)).nonzero().flatten().tolist()} did not move"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("growth", GROWTHS)
+def test_adam_state_of_old_blocks_is_kept_bit_for_bit(growth, seed):
+    rng = random.Random(seed)
+    model = tiny_model(tiny_config(rng), seed)
+    opt = adamw(model)
+    train(model, opt, 2, seed)
+    state = named_state(model, opt)
+    saved = copy.deepcopy(state)
+    old = {id(p): (n, p.detach().clone()) for n, p in model.named_parameters()}
+
+    state = grow_by(model, growth, rng, state)
+    renamed = {n: old[id(p)] for n, p in model.named_parameters() if id(p) in old}
+    assert len(renamed) == len(old)
+    assert set(state) == set(renamed), "exactly the old blocks have Adam state, under their new names"
+    for name, (old_name, value) in renamed.items():
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[name][k], saved[old_name][k]), f"{old_name} -> {name}: {k}"
+        if value.dim() == 2:  # RMSNorm gains are the one exception: scaled, tested by the logits
+            assert torch.equal(model.get_parameter(name), value), f"{old_name} -> {name}: value"
+
+    opt = adamw(model, state)
+    train(model, opt, 1, seed + 2)
+    steps = {n: opt.state[p]["step"].item() for n, p in model.named_parameters()}
+    assert steps == {n: 3 if n in renamed else 1 for n in steps}
+
+
+# -----------------------------------------------------------------------------
+# condensing generations
+
+
+@pytest.mark.parametrize("upto", [0, 1, 2])
+def test_condense_keeps_logits_and_glues_adam_moments(upto):
+    rng = random.Random(upto)
+    model = tiny_model(tiny_config(rng), upto)
+    grow_by(model, "all", rng)
+    idx = tokens(model.config.vocab_size, 3, model.config.block_size, upto)
+    before, _ = model(idx)
+    # moments laid out like the weights, so a merged moment must be torch.cat of its parts exactly
+    # as the merged weight is; the latest generation has taken the fewest steps
+    state = {n: {"step": torch.tensor(10.0 - block_generation(n)), "exp_avg": p.detach().clone(),
+                 "exp_avg_sq": p.detach() ** 2} for n, p in model.named_parameters()}
+
+    model, state = condense(model, upto, state)
+    after, _ = model(idx)
+    assert_round_off(after, before, f"condensed up to generation {upto}")
+    assert model.generations() == list(range(upto, 3))
+    assert set(state) == {n for n, _ in model.named_parameters()}
+    for name, p in model.named_parameters():
+        assert torch.equal(state[name]["exp_avg"], p), name
+        assert torch.equal(state[name]["exp_avg_sq"], p ** 2), name
+        assert state[name]["step"].item() == 10 - block_generation(name), f"{name}: merged step is the smallest"
+    if upto == 2:
+        weights = [m for m in model.modules() if isinstance(m, Growable)]
+        assert all([n for n, _ in m.named_parameters()] == ["g2"] for m in weights)
+    train(model, adamw(model, state), 1, upto)  # the merged state loads and steps
+
+
+# -----------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.parametrize("growths", [0, 2])
+def test_compiled_model_gives_eager_logits(growths):
+    rng = random.Random(growths)
+    model = tiny_model(tiny_config(rng), growths)
+    if growths:
+        grow_by(model, "all", rng)
+        assert len(model.generations()) == 3
+    idx = tokens(model.config.vocab_size, 2, model.config.block_size, growths)
+    compiled, _ = torch.compile(model, fullgraph=True)(idx)
+    eager, _ = model(idx)
+    assert_round_off(compiled, eager, "compiled")
+
+
+# -----------------------------------------------------------------------------
+# mean-of-pieces embedding init
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_new_embedding_rows_are_the_mean_of_their_old_pieces(seed):
+    rng = random.Random(seed)
+    model = tiny_model(tiny_config(rng), seed)
+    old = model.config
+    emb = model.tok_emb.weight.detach().clone()
+    tok = FakeTokenizer(old.vocab_size + 20)
+    grow_model(model, replace(old, vocab_size=tok.vocab_size, n_head=old.n_head + 1), tokenizer=tok, vocab_init="mean")
+    grown = model.tok_emb.weight
+    for t in range(old.vocab_size, tok.vocab_size):
+        assert_round_off(grown[t, :old.n_embd], emb[tok.old_tier_pieces(t, old.vocab_size)].mean(0), f"token {t}")
+    assert (grown[old.vocab_size:, old.n_embd:] == 0).all(), "the new dims start at 0"
+    assert (model.lm_head.weight[old.vocab_size:] == 0).all(), "new tokens start at logit 0"
+
+
+# -----------------------------------------------------------------------------
+# bad requests
+
+
+HALF_GROWN = pytest.mark.xfail(strict=True, reason="grow.py:161/156 check layer_place and vocab_init (and the "
+                               "tokenizer) only after every layer was widened in place: the refused request "
+                               "leaves a half-grown model (norm gains scaled, new strips) with the old config")
+
+BAD_GROWTHS = [  # (id, change to the config, grow_model options, tokenizer size beyond the new vocab, message)
+    *[(f"shrink_{a}", {a: -8 if a == "ffn_hidden" else -1}, {}, 0, f"cannot shrink {a}")
+      for a in ("vocab_size", "n_layer", "n_head", "ffn_hidden")],
+    ("head_dim", {"head_dim": 2}, {}, 0, "head_dim must stay"),
+    ("rope_theta", {"rope_theta": 1.0}, {}, 0, "rope_theta must stay"),
+    ("vocab_beyond_tokenizer", {"vocab_size": 10}, {}, -5, "larger than the tokenizer"),
+    pytest.param("layer_place", {"n_layer": 1, "n_head": 1}, {"layer_place": "middle"}, 0, "layer_place",
+                 marks=HALF_GROWN),
+    ("layer_init", {"n_layer": 1, "n_head": 1}, {"layer_init": "random"}, 0, "layer_init"),
+    pytest.param("vocab_init", {"vocab_size": 10, "n_head": 1}, {"vocab_init": "copy"}, 0, "vocab_init",
+                 marks=HALF_GROWN),
+]
+
+
+@pytest.mark.parametrize("name, change, options, tokenizer_extra, message", BAD_GROWTHS)
+def test_bad_growth_is_refused_and_changes_nothing(name, change, options, tokenizer_extra, message):
+    model = tiny_model(GPTConfig(vocab_size=60, n_layer=2, n_head=2, head_dim=4, ffn_hidden=16, block_size=8), 0)
+    old = model.config
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    new = replace(old, **{k: getattr(old, k) + v for k, v in change.items()})
+    with pytest.raises(GrowError, match=message) as e:
+        grow_model(model, new, tokenizer=FakeTokenizer(new.vocab_size + tokenizer_extra), **options)
+    assert "\n" not in str(e.value)
+    assert model.config == old
+    after = {n: p.detach() for n, p in model.named_parameters()}
+    assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
+@pytest.mark.parametrize("ffn_hidden", [0, -8, 12, 100])
+def test_ffn_hidden_must_be_a_positive_multiple_of_8(ffn_hidden):
+    with pytest.raises(ValueError, match=f"ffn_hidden={ffn_hidden} is not allowed"):
+        GPTConfig(ffn_hidden=ffn_hidden)
+
+
+@pytest.mark.xfail(strict=True, reason="grow.py:156 evaluates vocab_rows_init(...) even when the vocabulary "
+                   "does not grow, so with the default vocab_init='mean' and no tokenizer (what train.py and the "
+                   "CLI pass when vocab_size is unchanged) depth/width-only growth raises GrowError")
+def test_growth_without_new_vocabulary_needs_no_tokenizer():
+    model = tiny_model(GPTConfig(vocab_size=60, n_layer=1, n_head=2, head_dim=4, ffn_hidden=16, block_size=8), 0)
+    grow_model(model, replace(model.config, n_layer=2, n_head=3))
+    assert model.generations() == [0, 1]
+
+
+def checkpoint_at(tmp_path, kind):
+    """A checkpoint of ours, or one of the things that are not."""
+    path = tmp_path / f"{kind}.pt"
+    if kind == "ours":
+        write_checkpoint(tiny_model(GPTConfig(vocab_size=60, n_layer=2, n_head=2, head_dim=4, ffn_hidden=16,
+                                              block_size=8), 0), path)
+    elif kind == "foreign":
+        torch.save({"model": {"w": torch.zeros(2)}, "iter_num": 3}, path)
+    elif kind == "text":
+        path.write_text("this is not a checkpoint\n")
+    return path  # "missing": nothing there
+
+
+BAD_FFN = pytest.mark.xfail(strict=True, reason="grow.py:223 builds the new GPTConfig outside the try: its "
+                            "ValueError (ffn_hidden not a multiple of 8, odd head_dim) escapes as a traceback, "
+                            "not a one-line SystemExit")
+
+BAD_CLI = [  # (checkpoint kind, arguments, words of the message)
+    *[("ours", [f"--{a}={v}"], f"cannot shrink {a}")
+      for a, v in (("n_layer", 1), ("n_head", 1), ("ffn_hidden", 8), ("vocab_size", 50))],
+    ("ours", ["--head_dim=8"], "head_dim must stay"),
+    ("ours", ["--vocab_size=80", "--tokenizer=70"], "larger than the tokenizer"),
+    ("ours", ["--vocab_size=80"], "needs --tokenizer"),
+    pytest.param("ours", ["--ffn_hidden=20"], "ffn_hidden=20 is not allowed", marks=BAD_FFN),
+    ("foreign", ["--n_layer=3"], "not a checkpoint of this project"),
+    ("text", ["--n_layer=3"], "not a readable checkpoint"),
+    ("missing", ["--n_layer=3"], "no checkpoint at"),
+]
+
+
+@pytest.mark.parametrize("kind, args, message", BAD_CLI)
+def test_bad_cli_request_exits_with_one_line_and_writes_nothing(tmp_path, fake_prepare, kind, args, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SystemExit) as e:
+        grow.main(["--ckpt", str(checkpoint_at(tmp_path, kind)), "--out", str(out / "ckpt.pt"), *args])
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
+    assert message in e.value.code
+    assert not any(out.iterdir())
