@@ -25,10 +25,10 @@ RUNS = {  # name: (config, overrides)
     "ladder_s2": ("config/exp_stage2.py", []),
     "ladder_s3": (S3, []),
     "scratch": ("config/exp_scratch.py", []),
-    # ablations of the last growth, compared with ladder_s3 at equal FLOPs
-    "reset_adam": (S3, grow_s2 + ["--reset_optimizer=True"]),
-    "copy_layers": (S3, grow_s2 + ["--layer_init=copy", "--layer_place=interleave"]),
-    "global_lr": (S3, grow_s2 + ["--lr_mode=global"]),
+    # ablations of the last growth, on its schedule but shorter, compared with ladder_s3 at equal FLOPs
+    "reset_adam": (S3, grow_s2 + ["--reset_optimizer=True", "--max_iters=700"]),
+    "copy_layers": (S3, grow_s2 + ["--layer_init=copy", "--layer_place=interleave", "--max_iters=700"]),
+    "global_lr": (S3, grow_s2 + ["--lr_mode=global", "--max_iters=700"]),
     # one late growth: stage 1 trained as long as the ladder's stages 1 and 2 (equal FLOPs), then stage 3
     "late_s1": ("config/exp_stage1.py", ["--max_iters=4200", "--decay_iters=4200"]),
     "late_s3": (S3, ["--grow_from=out/exp/late_s1/ckpt.pt"]),
