@@ -170,9 +170,10 @@ class Attention(nn.Module):
             cache_k, cache_v = cache  # (B, n_head, max_len, head_dim)
             cache_k[:, :, start_pos:start_pos + T], cache_v[:, :, start_pos:start_pos + T] = k, v
             k, v = cache_k[:, :, :start_pos + T], cache_v[:, :, :start_pos + T]
-            if start_pos > 0:  # query i sits at start_pos + i; is_causal would align it to key i
+            if start_pos > 0 and T > 1:  # query i sits at start_pos + i; is_causal would align it to key i
                 mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        # one query sees every key: no mask (a mask costs milliseconds per call in CPU attention)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.wo.weight)
 
