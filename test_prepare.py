@@ -50,6 +50,16 @@ def test_shakespeare_every_tier(tmp_path, toks):
             assert meta['train']['tokens'] + meta['val']['tokens'] < previous, 'more pieces, fewer tokens'
         previous = meta['train']['tokens'] + meta['val']['tokens']
 
+def test_line_by_line_encode_is_sentencepiece(toks):
+    text = open(SHAKESPEARE, encoding='utf-8').read()
+    for n, count in ((4096, 454_410), (32000, 368_633)):  # the whole file, as counted in DESIGN.md
+        ids = toks[n].encode(text)
+        assert len(ids) == count and ids == toks[n].sp.encode(text)
+    for n, tok in toks.items():
+        for doc in SMALL_DOCS:
+            text = f'\n{doc}\n\n\n {doc}\n  {doc}\n'
+            assert tok.encode(text) == tok.sp.encode(text), (n, text)
+
 def test_small_text_round_trips(tmp_path, toks):
     for n, tok in toks.items():
         counts = []
