@@ -40,11 +40,8 @@ class PrepareError(Exception):
     """A problem with the user's input, in one line that says what to do; the CLI prints it and exits."""
 
 def file_sha256(path):
-    h = hashlib.sha256()
     with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, 'sha256').hexdigest()
 
 def download(url, path, sha256=None):
     """Stream url to path with a progress bar, resuming a partial download, and check its sha256."""

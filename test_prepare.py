@@ -62,7 +62,6 @@ def test_line_by_line_encode_is_sentencepiece(toks):
 
 def test_small_text_round_trips(tmp_path, toks):
     for n, tok in toks.items():
-        counts = []
         for doc in SMALL_DOCS:
             ids = tok.encode(doc)
             assert max(ids) < n and tok.decode(ids) == doc, (n, doc)
