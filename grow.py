@@ -50,7 +50,8 @@ class GrowError(ValueError):
     pass
 
 
-def check_growth(old, new, tokenizer=None):
+def check_growth(old, new, tokenizer=None, layer_place="top", layer_init="zero", vocab_init="mean"):
+    """Refuse a bad request before anything is touched (growth works in place)."""
     for axis in ("vocab_size", "n_layer", "n_head", "ffn_hidden"):
         if getattr(new, axis) < getattr(old, axis):
             raise GrowError(f"cannot shrink {axis} from {getattr(old, axis)} to {getattr(new, axis)}; "
@@ -63,6 +64,14 @@ def check_growth(old, new, tokenizer=None):
     if tokenizer is not None and new.vocab_size > tokenizer.vocab_size:
         raise GrowError(f"vocab_size {new.vocab_size} is larger than the tokenizer's "
                         f"{tokenizer.vocab_size}; pass vocab_size <= {tokenizer.vocab_size}")
+    for name, value, allowed in (("layer_place", layer_place, ("top", "interleave")),
+                                 ("layer_init", layer_init, ("zero", "copy")),
+                                 ("vocab_init", vocab_init, ("mean", "random"))):
+        if value not in allowed:
+            raise GrowError(f"{name} must be one of {allowed}, not {value!r}")
+    if new.vocab_size > old.vocab_size and vocab_init == "mean" and tokenizer is None:
+        raise GrowError("vocab_init='mean' needs --tokenizer (the tokenizer.model) to find each new token's "
+                        "old pieces; or use vocab_init='random'")
 
 
 def grow_norm(norm, d_new, gen):
@@ -109,21 +118,15 @@ def insertion_points(n_old, n_new, place):
     n_add = n_new - n_old
     if place == "top":
         return [n_old - 1] * n_add
-    if place == "interleave":  # spread evenly through the stack
-        return [max((j + 1) * n_old // n_add - 1, 0) for j in range(n_add)]
-    raise GrowError(f"layer_place must be 'top' or 'interleave', not {place!r}")
+    # interleave: spread evenly through the stack
+    return [max((j + 1) * n_old // n_add - 1, 0) for j in range(n_add)]
 
 
 def vocab_rows_init(emb, tokenizer, vocab_init):
     """Init of new embedding rows: the mean of the old-tier pieces of each new token."""
-    v_old = emb.shape[0]
     if vocab_init == "random":
         return draw
-    if vocab_init != "mean":
-        raise GrowError(f"vocab_init must be 'mean' or 'random', not {vocab_init!r}")
-    if tokenizer is None:
-        raise GrowError("vocab_init='mean' needs the tokenizer; pass one or use vocab_init='random'")
-    old = emb.weight.detach()
+    v_old, old = emb.shape[0], emb.weight.detach()
 
     def init(rows):  # rows: (v_new - v_old, d_new); the new dims of old rows are zero, so of the mean too
         rows.zero_()
@@ -140,9 +143,7 @@ def grow_model(model, new_config, optim_state=None, *, gen=None, tokenizer=None,
     grown model's parameter names). optim_state maps parameter name -> AdamW state; the old
     tensors are kept as they are, and new blocks get no entry (they start at step 0)."""
     old = model.config
-    check_growth(old, new_config, tokenizer)
-    if layer_init not in ("zero", "copy"):
-        raise GrowError(f"layer_init must be 'zero' or 'copy', not {layer_init!r}")
+    check_growth(old, new_config, tokenizer, layer_place, layer_init, vocab_init)
     old_names = {id(p): n for n, p in model.named_parameters()}
     gen = max(model.generations()) + 1 if gen is None else gen
     # with eps scaled like the squares' mean, the zero new dims leave every RMSNorm exact
@@ -153,7 +154,8 @@ def grow_model(model, new_config, optim_state=None, *, gen=None, tokenizer=None,
         grow_layer(block, c, gen)
         block.eps = c.norm_eps
     grow_norm(model.norm, d, gen)
-    model.tok_emb.grow((c.vocab_size, d), gen, vocab_rows_init(model.tok_emb, tokenizer, vocab_init), zero)
+    new_rows = vocab_rows_init(model.tok_emb, tokenizer, vocab_init) if c.vocab_size > old.vocab_size else None
+    model.tok_emb.grow((c.vocab_size, d), gen, new_rows, zero)
     model.lm_head.grow((c.vocab_size, d), gen, zero, draw)
 
     if c.n_layer > old.n_layer:
@@ -219,19 +221,17 @@ def main(argv=None):
 
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt)
-    old = model.config
-    new = replace(old, **{k: v for k, v in vars(args).items() if v is not None and hasattr(old, k)})
+    old, old_description = model.config, describe(model.config, model)  # before growing in place
     tokenizer = None
-    if new.vocab_size > old.vocab_size and args.vocab_init == "mean":
-        if not args.tokenizer:
-            raise SystemExit("grow.py: growing the vocabulary with vocab_init=mean needs --tokenizer")
+    if args.tokenizer:
         from prepare import load_tokenizer
-        tokenizer = load_tokenizer(args.tokenizer, new.vocab_size)
+        tokenizer = load_tokenizer(args.tokenizer, args.vocab_size or old.vocab_size)
     try:
+        new = replace(old, **{k: v for k, v in vars(args).items() if v is not None and hasattr(old, k)})
         grown, optim_state = grow_model(model, new, ckpt.get("optimizer"), tokenizer=tokenizer,
                                         layer_place=args.layer_place, layer_init=args.layer_init,
                                         vocab_init=args.vocab_init)
-    except GrowError as e:
+    except ValueError as e:  # GrowError, or GPTConfig refusing a shape
         raise SystemExit(f"grow.py: {e}")
     gen = max(grown.generations())
     schedules = ckpt.get("generations", [])
@@ -240,7 +240,7 @@ def main(argv=None):
     save_checkpoint({**ckpt, "model": grown.state_dict(), "model_config": asdict(grown.config),
                      "optimizer": {} if args.reset_optimizer else optim_state,
                      "generations": schedules}, args.out)
-    print(f"old: {describe(old, model)}\nnew: {describe(grown.config, grown)}\n"
+    print(f"old: {old_description}\nnew: {describe(grown.config, grown)}\n"
           f"generation {gen} added; wrote {args.out}")
 
 

@@ -173,7 +173,7 @@ class Attention(nn.Module):
             if start_pos > 0 and T > 1:  # query i sits at start_pos + i; is_causal would align it to key i
                 mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
         # one query sees every key: no mask (a mask costs milliseconds per call in CPU attention)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and (cache is None or T > 1),
                                            dropout_p=self.dropout if self.training else 0.0)
         return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.wo.weight)
 
