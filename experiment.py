@@ -4,7 +4,7 @@ one lane per GPU in parallel, then reports val bits per byte against cumulative 
 
     python experiment.py run ladder scratch          # lane 1 on GPU 0, lane 2 on GPU 1
     python experiment.py run ablations late          # the ablations branch from ladder_s2
-    python experiment.py report                      # -> out/exp/results.json, assets/growth.png
+    python experiment.py report                      # -> assets/growth.png, assets/growth_results.json
 
 Every run is train.py with a config/exp_*.py file and a few overrides; a lane's runs go one
 after another because each grows the previous one's checkpoint.
@@ -111,7 +111,7 @@ def report(png):
             res["growth"].append(dict(run=name, iter=g["iter"], bpb_before=g["parent_val_bpb"],
                                       bpb_after_parent_tier=g["parent_tier_val_bpb"], bpb_after=g["val_bpb"],
                                       iters_to_recover=back))
-    with open(f"{OUT}/results.json", "w") as f:
+    with open(png.rsplit(".", 1)[0] + "_results.json", "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
     plot(png)
@@ -125,10 +125,13 @@ def plot(png):
     lines = {"ladder (3 stages)": LANES["ladder"], "scratch": ["scratch"], "reset Adam at growth": ["reset_adam"],
              "copied layers": ["copy_layers"], "one global LR schedule": ["global_lr"],
              "one late growth": ["late_s1", "late_s3"]}
+    lowest = np.inf
     for label, names in lines.items():
         c = curve(names)
         if len(c):
             ax.plot(c[:, 0], c[:, 1], marker=".", label=label)
+            lowest = min(lowest, c[:, 1].min())
+    ax.set_ylim(lowest - 0.03, 2.0)  # the spikes are vocabulary tier changes; their tops are in results.json
     ax.set_xscale("log")
     ax.set_xlabel("cumulative training FLOPs")
     ax.set_ylabel("val bits per byte (held-out Gutenberg books)")
