@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import GrowError, condense, grow_model
@@ -79,6 +81,7 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False
+parallelism = "ddp"  # 'ddp' (replicate) | 'fsdp' (FSDP2: shard every block and the root; past one GPU's memory)
 peak_flops = 989e12  # per GPU, for MFU
 peak_flops_name = "H100/H200 SXM bf16 dense"
 # -----------------------------------------------------------------------------
@@ -104,7 +107,7 @@ tokens_per_iter = batch_size * block_size * grad_accum_steps
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = nullcontext() if device_type == "cpu" else torch.autocast(device_type, dtype=ptdtype)
-torch.manual_seed(seed + rank)
+torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them as they are
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
@@ -203,7 +206,7 @@ elif init_from in ("resume", "grow"):
     stage_start = ckpt["stage_start"] if init_from == "resume" else iter_num
     if init_from == "resume":
         model_config = model.config
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        rng_state = ckpt["rng"]["torch"]
     else:
         parent = ckpt
         parent_meta, parent_bins = open_tier(parent["data"]["data_dir"])
@@ -229,20 +232,34 @@ elif init_from in ("resume", "grow"):
 else:
     raise SystemExit(f"init_from must be 'scratch', 'resume' or 'grow', not {init_from!r}")
 
+torch.manual_seed(seed + rank)  # dropout differs between ranks
+if init_from == "resume":
+    torch.set_rng_state(rng_state)  # rank 0's: with dropout, ranks > 0 continue on a new stream
 model.to(device)
 raw_model = model  # saved and grown; the compiled / DDP wrappers only run it
 if compile:
     for block in model.layers:  # per block: whole-model compile would recompile at every new depth
         block.compile()
+fsdp = ddp and parallelism == "fsdp"
+if fsdp:  # in place: parameters become DTensors sharded over the ranks, names unchanged
+    mp_policy = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+elif parallelism != "ddp":
+    raise SystemExit(f"parallelism must be 'ddp' or 'fsdp', not {parallelism!r}")
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
                               fused=device_type == "cuda")
 params = dict(raw_model.named_parameters())
 for name, state in optim_state.items():  # keyed by name: growth shifts positions, not names
     p = params[name]
+    if fsdp:  # full tensors in the checkpoint; each rank keeps its shard
+        state = {k: v if k == "step" else distribute_tensor(v.to(device), p.device_mesh, p.placements)
+                 for k, v in state.items()}
     optimizer.state[p] = {k: v.to(p.device if k != "step" or device_type == "cuda" else "cpu")
                           for k, v in state.items()}
 del optim_state
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if master:
     os.makedirs(out_dir, exist_ok=True)
@@ -266,12 +283,20 @@ def get_lr(sched, it):
     return lr * sched["mult"]
 
 
+def full(tensors):
+    """On the CPU and whole: FSDP shards are gathered one tensor at a time (every rank takes part), so a
+    checkpoint is the same file whatever the number of GPUs, and resumes on any number."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in tensors.items()}
+
+
 def save(iter_num):
+    model_state = full(raw_model.state_dict())
+    optim_state = {name: full(optimizer.state[p]) for name, p in raw_model.named_parameters() if p in optimizer.state}
     if not master:
         return
     save_checkpoint({
-        "format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
-        "optimizer": {name: optimizer.state[p] for name, p in raw_model.named_parameters() if p in optimizer.state},
+        "format": CHECKPOINT_FORMAT, "model": model_state, "model_config": asdict(raw_model.config),
+        "optimizer": optim_state,
         "generations": generations, "iter_num": iter_num, "stage_start": stage_start,
         "tokens": tokens_total, "flops": flops_total,
         "best_val_bpb": best_val_bpb, "last_val_bpb": last_val_bpb, "config": config, "rng": {"torch": torch.get_rng_state()},
@@ -332,7 +357,10 @@ while True:
     for micro in range(accum):
         x, y = get_batch(bins["train"], iter_num, micro)
         # sync gradients only on the last micro-step
-        with nullcontext() if not ddp or micro == accum - 1 else model.no_sync():
+        last_micro = micro == accum - 1
+        if fsdp:
+            model.set_requires_gradient_sync(last_micro)
+        with nullcontext() if not ddp or fsdp or last_micro else model.no_sync():
             with autocast:
                 _, loss = model(x, y)
             (loss / accum).backward()
