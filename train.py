@@ -379,14 +379,16 @@ while True:
         dt, t0 = time.time() - t0, time.time()
         n_iters = log_interval if iter_num % log_interval == 0 else iter_num % log_interval
         tok_per_s = tokens_per_iter * n_iters / dt
+        peak_mem_gb = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else 0.0
         mfu = flops_per_iter * n_iters / dt / (peak_flops * world)
         if ddp:
             dist.all_reduce(loss_sum)
         train_loss = loss_sum.item() / grad_accum_steps  # this iteration's mean over micro-steps and ranks
         log(f"iter {iter_num}: loss {train_loss:.4f}, lr " + " ".join(f"g{g}={v:.2e}" for g, v in lrs.items())
-            + f", {tok_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%")
+            + f", {tok_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%, peak mem {peak_mem_gb:.1f} GiB")
         log_event(dict(event="train", iter=iter_num, tokens=tokens_total, flops=flops_total,
-                       lr=lrs, train_loss=train_loss, tok_per_s=tok_per_s, mfu=mfu))
+                       lr=lrs, train_loss=train_loss, tok_per_s=tok_per_s, mfu=mfu,
+                       peak_mem_gb=peak_mem_gb))
 
 if ddp:
     dist.destroy_process_group()
