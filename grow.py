@@ -15,9 +15,19 @@ function is kept and every new weight gets a gradient at the first step.
                                                             sqrt(d_old/d_new), eps * d_old/d_new
     vocabulary    embedding rows                            mean of the token's old-tier pieces
                   lm_head rows                              zero (old logits unchanged)
+    head_dim x2   rows of wq wk wv, columns of wo, inter-   wq rows drawn, wk rows zero (new q.k terms
+                  leaved in each head: old RoPE pair j      are 0); wv rows drawn, wo columns zero;
+                  becomes pair 2j, the new pairs odd        old wq * sqrt(2) (softmax 1/sqrt(h) -> 1/sqrt(2h))
 
-Old blocks keep their values (except the RMSNorm factor) and their Adam state bit for bit;
+Old blocks keep their values (except the RMSNorm and wq factors) and their Adam state bit for bit;
 new blocks are a new generation and start with no Adam state (step 0).
+
+Doubling head_dim is exact because RoPE's frequencies at h, theta^(-2j/h) for j < h/2, are the
+even-indexed ones at 2h, theta^(-2i/2h) for i < h. In our half-split layout (pair j is dims
+j, j + h/2) old dim j goes to 2j and old dim j + h/2 to 2j + h; old head n stays head n, new
+heads come after. Blocks are stored as appended (old rows, then the new strip), and the
+interleaving is a fixed permutation applied after assembly (Growable.place), so each
+generation keeps its own blocks, schedule and Adam state; condense folds it away.
 
 As a library:  model, optim_state = grow_model(model, new_config, optim_state, tokenizer=tok)
 As a CLI:      python grow.py --ckpt out/stage1/ckpt.pt --out out/grown/ckpt.pt --n_layer=12 --n_head=6
@@ -56,9 +66,9 @@ def check_growth(old, new, tokenizer=None, layer_place="top", layer_init="zero",
         if getattr(new, axis) < getattr(old, axis):
             raise GrowError(f"cannot shrink {axis} from {getattr(old, axis)} to {getattr(new, axis)}; "
                             f"growth only adds (pass {axis} >= {getattr(old, axis)})")
-    if new.head_dim != old.head_dim:
-        raise GrowError(f"head_dim must stay {old.head_dim} (asked {new.head_dim}); "
-                        "grow width with n_head instead")
+    if new.head_dim not in (old.head_dim, 2 * old.head_dim):
+        raise GrowError(f"head_dim must stay {old.head_dim} or double to {2 * old.head_dim} (asked {new.head_dim}): "
+                        "only an exact doubling keeps every RoPE frequency")
     if new.rope_theta != old.rope_theta:
         raise GrowError(f"rope_theta must stay {old.rope_theta}: changing it changes the function")
     if tokenizer is not None and new.vocab_size > tokenizer.vocab_size:
@@ -83,16 +93,47 @@ def grow_norm(norm, d_new, gen):
     norm.grow((d_new,), gen, init_rows=partial(nn.init.constant_, val=scale), init_cols=None)
 
 
+def head_dim_places(n_head, h, device=None):
+    """Where dim j of head n goes when head_dim doubles from h. Half-split RoPE pairs j and
+    j + h/2: old pair j becomes pair 2j at (2j, 2j + h), so new pair 2j rotates at
+    theta^(-4j/2h), the old frequency; the new dims fill the odd pairs."""
+    j = torch.arange(h, device=device)
+    within = 2 * (j % (h // 2)) + h * (j >= h // 2)
+    return (torch.arange(n_head, device=device)[:, None] * 2 * h + within).flatten()
+
+
+def zero_first(n):
+    """Rows init for the new rows of wk at a head_dim doubling: the first n rows (the new dims of the
+    old heads) zero, so their q.k terms start at 0 while wq's drawn rows give wk a gradient; the rest
+    (new heads) drawn as for any new head."""
+    def init(rows):
+        draw(rows)
+        rows[:n].zero_()
+    return init
+
+
 def grow_layer(block, c, gen):
-    """Widen an existing layer to config c (heads, FFN hidden, model dim)."""
+    """Widen an existing layer to config c (heads, head_dim, FFN hidden, model dim)."""
     d, hd = c.n_embd, c.n_head * c.head_dim
     shapes = {"attn.wq": (hd, d), "attn.wk": (hd, d), "attn.wv": (hd, d), "attn.wo": (d, hd),
               "ffn.w1": (c.ffn_hidden, d), "ffn.w3": (c.ffn_hidden, d), "ffn.w2": (d, c.ffn_hidden)}
-    for name, (init_rows, init_cols) in LAYER_RULES.items():
+    rules = dict(LAYER_RULES)
+    n_old, h_old = block.attn.n_head, block.attn.head_dim
+    doubling = c.head_dim == 2 * h_old
+    if doubling:
+        rules["attn.wk"] = (zero_first(n_old * h_old), draw)
+        for p in block.attn.wq.parameters():  # q.k / sqrt(2h) with q * sqrt(2) is the old q.k / sqrt(h)
+            p.mul_(math.sqrt(2))
+    for name, (init_rows, init_cols) in rules.items():
         block.get_submodule(name).grow(shapes[name], gen, init_rows, init_cols)
+    if doubling:  # interleave: the new dims of each old head sit between its old ones
+        where = head_dim_places(n_old, h_old, device=next(block.parameters()).device)
+        for w in (block.attn.wq, block.attn.wk, block.attn.wv):
+            w.place(0, where)
+        block.attn.wo.place(1, where)
     grow_norm(block.attn_norm, d, gen)
     grow_norm(block.ffn_norm, d, gen)
-    block.attn.n_head = c.n_head
+    block.attn.n_head, block.attn.head_dim = c.n_head, c.head_dim
 
 
 def new_layer(c, gen, init, source):
@@ -176,25 +217,36 @@ def condense(model, upto, optim_state=None):
     """In place, merge every block of generation <= upto into one block of generation `upto`, so a
     long-grown model runs as fast as a fresh one. Their schedules should have met (for
     example all at min LR): the merged block follows generation `upto`'s schedule.
-    Adam moments are glued like the weights; the merged step count is the smallest."""
+    Adam moments are glued like the weights; the merged step count is the smallest. A weight
+    left with one block takes in its head_dim permutation (weights and moments), which is dropped."""
     optim_state = dict(optim_state or {})
     for mname, g in model.named_modules():
         if not isinstance(g, Growable):
             continue
         blocks = list(g._parameters.items())
         merged = [(n, p) for n, p in blocks if block_generation(n) <= upto]
-        if len(merged) < 2 and all(n == f"g{upto}" for n, _ in merged):
+        rest = {n: p.data for n, p in blocks if block_generation(n) > upto}
+        perms = {k: getattr(g, k) for k in g.PERMS if getattr(g, k) is not None}
+        fold = {} if rest else perms  # the permutation goes into a weight's only block
+
+        def glue(parts):
+            full = assemble(parts)
+            for dim, k in enumerate(g.PERMS):
+                if k in fold:
+                    full = full.index_select(dim, fold[k])
+            return full
+
+        if not merged or (len(merged) == 1 and merged[0][0] == f"g{upto}" and not fold):
             continue  # nothing to merge
         names = [f"{mname}.{n}" for n, _ in merged]
         states = [optim_state.pop(n, None) for n in names]
         if any(states):
-            moments = {k: assemble((n, s[k] if s else torch.zeros_like(p))
-                                   for (n, p), s in zip(merged, states))
+            moments = {k: glue((n, s[k] if s else torch.zeros_like(p)) for (n, p), s in zip(merged, states))
                        for k in ("exp_avg", "exp_avg_sq")}
             step = min(s["step"] for s in states if s)
             optim_state[f"{mname}.g{upto}"] = {"step": step.clone(), **moments}
-        g.set_blocks({f"g{upto}": assemble(merged).clone(),
-                      **{n: p.data for n, p in blocks if block_generation(n) > upto}})
+        g.set_blocks({f"g{upto}": glue(merged).clone(), **rest,
+                      **{k: v for k, v in perms.items() if k not in fold}})
     return model, optim_state
 
 

@@ -10,6 +10,12 @@ growth the strip of new input columns (`g<k>_cols`) and the strip of new output 
 (`g<k>_rows`). The forward assembles the full weight (a no-op when there is one block), so
 every block is an ordinary parameter: its own optimizer param group, its own Adam step
 count, and nothing to change for DDP/FSDP.
+
+Doubling head_dim interleaves new dims with old ones inside every head (grow.py), while the
+blocks keep their storage order (old rows, then appended strips). A grown wq/wk/wv then holds
+a fixed row permutation (`row_perm`, wo a `col_perm`: a persistent buffer, saved with the
+blocks) that the forward applies after assembly: weight = assembled[row_perm]. Condensing every
+block into one folds it in and drops it.
 """
 
 import math
@@ -49,15 +55,25 @@ def assemble(blocks):
 
 
 class Growable(nn.Module):
-    """A weight of shape (out, in) or (n,) stored as generation blocks."""
+    """A weight of shape (out, in) or (n,) stored as generation blocks, with an optional fixed
+    permutation of its rows or columns: logical index i is assembled index perm[i]."""
+
+    PERMS = ("row_perm", "col_perm")  # a permutation of dim 0, of dim 1
 
     def __init__(self, *shape, gen=0):
         super().__init__()
         self.register_parameter(f"g{gen}", nn.Parameter(torch.empty(shape)))
+        for name in self.PERMS:
+            self.register_buffer(name, None)
 
     @property
     def weight(self):
-        return assemble(self._parameters.items())
+        w = assemble(self._parameters.items())
+        if self.row_perm is not None:
+            w = w.index_select(0, self.row_perm)
+        if self.col_perm is not None:
+            w = w.index_select(1, self.col_perm)
+        return w
 
     @property
     def shape(self):
@@ -74,7 +90,7 @@ class Growable(nn.Module):
     def grow(self, shape, gen, init_rows, init_cols):
         """Append generation `gen`'s strips so the weight gets `shape`: first the new input
         columns of the existing rows, then the new output rows across all columns.
-        init_rows / init_cols fill a new strip in place."""
+        init_rows / init_cols fill a new strip in place. New rows and columns go last."""
         old, ref = self.shape, next(iter(self._parameters.values()))
         strips = []
         if len(shape) == 2 and shape[1] > old[1]:
@@ -86,12 +102,32 @@ class Growable(nn.Module):
             with torch.no_grad():
                 init(strip)
             self.add_block(name, strip)
+        for dim, name in enumerate(self.PERMS):  # the appended indices sit where they are stored: last
+            perm = getattr(self, name)
+            if perm is not None and len(perm) < shape[dim]:
+                setattr(self, name, torch.cat([perm, torch.arange(len(perm), shape[dim], device=perm.device)]))
+
+    def place(self, dim, where):
+        """After a growth, move logical index i of dim (0 rows, 1 columns) to where[i], i < len(where);
+        the indices that the growth appended fill the free places in order. Composes with an
+        earlier permutation."""
+        n, perm_name = self.shape[dim], self.PERMS[dim]
+        stored = getattr(self, perm_name)  # assembled index of each logical index, the new ones last
+        stored = torch.arange(n, device=where.device) if stored is None else stored
+        free = torch.ones(n, dtype=torch.bool, device=where.device)
+        free[where] = False
+        perm = torch.empty_like(stored)
+        perm[where], perm[free] = stored[:len(where)], stored[len(where):]
+        setattr(self, perm_name, None if torch.equal(perm, torch.arange(n, device=perm.device)) else perm)
 
     def set_blocks(self, named_tensors):
-        """Replace the blocks (loading a grown checkpoint into a freshly built model)."""
+        """Replace the blocks and permutations (loading a grown checkpoint into a freshly built model)."""
         self._parameters.clear()
-        for name, t in sorted(named_tensors.items(), key=lambda kv: block_order(kv[0])):
+        blocks = {k: v for k, v in named_tensors.items() if k not in self.PERMS}
+        for name, t in sorted(blocks.items(), key=lambda kv: block_order(kv[0])):
             self.add_block(name, t)
+        for name in self.PERMS:
+            setattr(self, name, named_tensors.get(name))
 
 
 # -----------------------------------------------------------------------------
@@ -312,7 +348,7 @@ class GPT(nn.Module):
                 blocks = {k[len(prefix):]: v for k, v in state_dict.items()
                           if k.startswith(prefix) and "." not in k[len(prefix):]}
                 module.set_blocks({k: v.clone() for k, v in blocks.items()})
-        missing = {n for n, _ in model.named_parameters()} ^ set(state_dict)
+        missing = {n for n, _ in model.named_parameters()} ^ {k for k in state_dict if not k.endswith("_perm")}
         if missing:
             raise ValueError(f"state dict does not match GPTConfig {config}: {sorted(missing)[:4]}...")
         model.init_rope()
