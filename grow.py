@@ -27,7 +27,12 @@ even-indexed ones at 2h, theta^(-2i/2h) for i < h. In our half-split layout (pai
 j, j + h/2) old dim j goes to 2j and old dim j + h/2 to 2j + h; old head n stays head n, new
 heads come after. Blocks are stored as appended (old rows, then the new strip), and the
 interleaving is a fixed permutation applied after assembly (Growable.place), so each
-generation keeps its own blocks, schedule and Adam state; condense folds it away.
+generation keeps its own blocks, schedule and Adam state; condense folds it away. (Condensing
+at the doubling instead would still need the permutation for the new generation's strip, and
+would merge the old generations' schedules.) The old wq blocks keep their Adam moments, like
+the gains: their gradients are now 1/sqrt(2) of the old, which would rescale m by 1/sqrt(2) and
+v by 1/2, leaving Adam's step m/sqrt(v) as it was; the kept moments only weigh the first new
+gradients a little less, for about 1/(1 - beta2) steps.
 
 As a library:  model, optim_state = grow_model(model, new_config, optim_state, tokenizer=tok)
 As a CLI:      python grow.py --ckpt out/stage1/ckpt.pt --out out/grown/ckpt.pt --n_layer=12 --n_head=6
