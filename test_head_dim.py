@@ -212,7 +212,7 @@ def test_head_dim_grows_only_by_doubling(head_dim):
 
 
 def test_compiled_grown_model_gives_eager_logits():
-    _, model, idx = grown_model("twice", 0)
+    _, model, idx = grown_model("head_dim", 0)
     torch._dynamo.reset()
     assert_round_off(torch.compile(model, fullgraph=True)(idx)[0], model(idx)[0], "compiled")
 
