@@ -1,0 +1,405 @@
+"""
+train.py end to end on the CPU: tiny stages run as subprocesses, read back from log.jsonl and ckpt.pt.
+
+    ladder    stage 2 grows stage 1; restricted to stage 1's vocabulary, on stage 1's val windows, the
+              grown model gives stage 1's final val bpb (train.py's 'grow' event, and again in-process)
+    resume    N + M iterations == N, stop, resume for M: a scratch stage (with dropout, so the RNG must
+              come back too) and a grown stage (its generations and their schedules survive)
+    ddp       torchrun on 2 CPU ranks (gloo) gives one process's losses at the same global batch,
+              for a scratch stage and a grown stage
+    lr        every generation of a three-stage ladder follows its own schedule from the checkpoint's
+              generation table; with lr_mode='global' every generation follows the stage's schedule
+    flops     flops_per_token against FlopCounterMode, exactly; the log's cumulative flops add up across
+              a grow
+    errors    every bad input is a one-line error without a traceback, and nothing is written or overwritten
+
+    python -m pytest -q test_train.py          (about a minute on 2 cores)
+
+Log conventions read here: an 'eval' event at iter k carries the lr of step k (about to run); a 'train'
+event at iter k follows step k - 1 and carries that step's lr; tokens and flops count the steps done.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from grow import grow_model
+from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint
+from prepare import load_tokenizer, prepare
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ASSETS = os.environ.get("ASSETS_DIR", os.path.join(HERE, "..", "shared", "assets"))
+LLAMA2 = os.path.join(ASSETS, "llama2_tokenizer.model")
+# 8 rows per micro-step, 2 micro-steps: a global batch of 16 rows that 2 DDP ranks split evenly
+TINY = ["--compile=False", "--batch_size=8", "--grad_accum_steps=2", "--eval_iters=2", "--eval_interval=3",
+        "--log_interval=1"]
+TOKENS_PER_ITER = 8 * 2 * 64  # batch_size * grad_accum_steps * block_size
+# the test ladder: each stage 6 iterations, schedules short enough to show warmup, cosine and min_lr
+# (gen 0 still decays through stage 2; gen 2 reaches min_lr at the last step, lr_mult 0.5)
+SCHEDULES = [dict(warmup=2, lr=3e-3, min_lr=3e-4, decay_iters=14, mult=1.0),
+             dict(warmup=3, lr=2e-3, min_lr=2e-4, decay_iters=10, mult=1.0),
+             dict(warmup=2, lr=1e-3, min_lr=1e-4, decay_iters=5, mult=0.5)]
+STAGE_ITERS = 6
+
+
+def schedule_args(s):
+    return [f"--warmup_iters={s['warmup']}", f"--learning_rate={s['lr']}", f"--min_lr={s['min_lr']}",
+            f"--decay_iters={s['decay_iters']}", f"--lr_mult={s['mult']}", f"--max_iters={STAGE_ITERS}"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and lose several-fold when another process holds a core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    prepare(os.path.join(ASSETS, "tinyshakespeare.txt"), LLAMA2, [512, 1024], str(out), workers=1)
+    return out
+
+
+def run(*args, ranks=1):
+    """train.py (or torchrun with `ranks` CPU processes) in the repository root; the CompletedProcess."""
+    launcher = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(launcher + ["train.py", *map(str, args)], cwd=HERE, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def train(out_dir, *args, ranks=1):
+    r = run(*args, f"--out_dir={out_dir}", ranks=ranks)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return read_log(out_dir)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def stage_args(data, k, parent=None, lr_mode="generation"):
+    """Stage k (1, 2, 3) of the test ladder: 1 is tiny_stage1; 2 grows it on every axis (tiny_stage2);
+    3 grows stage 2 by one layer, same vocabulary."""
+    if k == 1:
+        return ["config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, *schedule_args(SCHEDULES[0]),
+                f"--lr_mode={lr_mode}"]
+    return ["config/tiny_stage2.py", f"--data_dir={data / 'llama2_v1024'}", f"--grow_from={parent / 'ckpt.pt'}",
+            f"--tokenizer={LLAMA2}", *TINY, *schedule_args(SCHEDULES[k - 1]), f"--lr_mode={lr_mode}",
+            *(["--n_layer=4"] if k == 3 else [])]
+
+
+@pytest.fixture(scope="session")
+def ladder(data, tmp_path_factory):
+    """Three stages, each growing the one before: {stage: out_dir}."""
+    root = tmp_path_factory.mktemp("ladder")
+    dirs = {k: root / f"s{k}" for k in (1, 2, 3)}
+    for k in (1, 2, 3):
+        train(dirs[k], *stage_args(data, k, dirs.get(k - 1)))
+    return dirs
+
+
+def step_of(event):
+    """The iteration whose learning rates an event carries (see the module docstring)."""
+    return event["iter"] - 1 if event["event"] == "train" else event["iter"]
+
+
+def assert_same_run(a, b, rel):
+    """Two logs of the same run: the same events, lrs, tokens and flops; losses and bpb to `rel`."""
+    keys = [(e["event"], e["iter"], e["tokens"], e["flops"], e.get("lr")) for e in a]
+    assert keys == [(e["event"], e["iter"], e["tokens"], e["flops"], e.get("lr")) for e in b]
+    for key in ("train_loss", "val_loss", "val_bpb", "parent_tier_val_bpb"):
+        xs, ys = [e[key] for e in a if key in e], [e[key] for e in b if key in e]
+        assert len(xs) == len(ys)
+        assert xs == pytest.approx(ys, rel=rel), key
+
+
+# -----------------------------------------------------------------------------
+# 1. growing keeps the function: stage 1's final val bpb, on stage 1's tier
+
+
+@torch.no_grad()
+def val_bpb(model, tier_dir, n_windows, T):
+    """Our own scoring of train.py's fixed val windows (evenly spaced starts), logits cut to the tier."""
+    with open(tier_dir / "meta.json") as f:
+        meta = json.load(f)
+    data = np.memmap(tier_dir / "val.bin", dtype=np.uint16, mode="r")
+    starts = np.linspace(0, len(data) - T - 1, n_windows).astype(np.int64)
+    x = torch.from_numpy(np.stack([data[s:s + T] for s in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[s + 1:s + 1 + T] for s in starts]).astype(np.int64))
+    model.eval()
+    logits, _ = model(x)
+    logp = F.log_softmax(logits[..., :meta["vocab_size"]].double(), dim=-1)
+    nats = -logp.gather(-1, y.unsqueeze(-1)).mean().item()
+    return nats * meta["val"]["tokens"] / meta["val"]["bytes"] / math.log(2)
+
+
+def test_grown_stage_gives_the_parents_val_bpb_on_the_parents_tier(ladder, data):
+    s1, log1, log2 = load_checkpoint(ladder[1] / "ckpt.pt"), read_log(ladder[1]), read_log(ladder[2])
+    final = [e for e in log1 if e["event"] == "eval"][-1]
+    assert final["iter"] == STAGE_ITERS and s1["last_val_bpb"] == final["val_bpb"]
+    # train.py's own check, logged before stage 2's first step
+    grow = log2[0]
+    assert grow["event"] == "grow" and grow["iter"] == STAGE_ITERS and grow["parent_val_bpb"] == final["val_bpb"]
+    assert grow["parent_tier_val_bpb"] == pytest.approx(final["val_bpb"], abs=1e-5)
+
+    # again in-process: our scoring reproduces stage 1's number, then the grown model's on the same windows
+    c = s1["config"]
+    windows = c["eval_iters"] * c["batch_size"]
+    model = model_from_checkpoint(s1)
+    assert val_bpb(model, data / "llama2_v512", windows, c["block_size"]) == pytest.approx(final["val_bpb"], abs=1e-5)
+    s2 = load_checkpoint(ladder[2] / "ckpt.pt")
+    torch.manual_seed(0)
+    grown, _ = grow_model(model, GPTConfig(**s2["model_config"]), tokenizer=load_tokenizer(LLAMA2, 1024))
+    assert grown.generations() == [0, 1] and grown.get_num_params() > 1.5 * model_from_checkpoint(s1).get_num_params()
+    assert val_bpb(grown, data / "llama2_v512", windows, c["block_size"]) == pytest.approx(final["val_bpb"], abs=1e-5)
+    # on its own tier the drawn weights cannot matter either (their partners are zero): train.py's number
+    c2 = s2["config"]
+    assert val_bpb(grown, data / "llama2_v1024", c2["eval_iters"] * c2["batch_size"], c2["block_size"]) == \
+        pytest.approx(grow["val_bpb"], abs=1e-5)
+    # and training moved stage 2 on from there
+    assert read_log(ladder[2])[-1]["val_bpb"] < grow["val_bpb"] - 0.05
+
+
+# -----------------------------------------------------------------------------
+# 2. resume
+
+
+def test_resume_is_the_same_run(data, tmp_path):
+    """With dropout, so the batches (drawn from (seed, iter)) and the RNG must both come back."""
+    args = stage_args(data, 1) + ["--dropout=0.1"]
+    whole = train(tmp_path / "whole", *args)
+    train(tmp_path / "split", *args, "--max_iters=3")
+    split = train(tmp_path / "split", *args, "--init_from=resume", f"--max_iters={STAGE_ITERS}")
+    assert_same_run(split, whole, rel=1e-6)
+    assert [e["iter"] for e in whole if e["event"] == "train"] == list(range(1, STAGE_ITERS + 1))
+
+
+def test_resume_of_a_grown_stage_keeps_its_generations(ladder, data, tmp_path):
+    args = stage_args(data, 2, ladder[1])
+    train(tmp_path / "s2", *args, "--max_iters=3")
+    half = load_checkpoint(tmp_path / "s2" / "ckpt.pt")
+    assert half["iter_num"] == STAGE_ITERS + 3 and [g["gen"] for g in half["generations"]] == [0, 1]
+    resumed = train(tmp_path / "s2", *args, "--init_from=resume", f"--max_iters={STAGE_ITERS}")
+    assert_same_run(resumed, read_log(ladder[2]), rel=1e-6)
+    a, b = load_checkpoint(tmp_path / "s2" / "ckpt.pt"), load_checkpoint(ladder[2] / "ckpt.pt")
+    assert a["generations"] == b["generations"] and a["stage_start"] == b["stage_start"] == STAGE_ITERS
+    assert a["model"].keys() == b["model"].keys() and a["optimizer"].keys() == b["optimizer"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# 3. DDP on the CPU
+
+
+def test_ddp_on_two_ranks_matches_one_process(ladder, data, tmp_path):
+    """grad_accum_steps counts micro-steps over all ranks, so 2 ranks x 1 micro-step is the ladder's
+    1 process x 2 micro-steps. Tolerance: gloo's all-reduce sums in another order (float32 round-off)."""
+    two = train(tmp_path / "s1", *stage_args(data, 1), ranks=2)
+    assert_same_run(two, read_log(ladder[1]), rel=1e-5)
+    # a grown stage: DDP wraps the grown model, so its new blocks are synchronised too
+    two = train(tmp_path / "s2", *stage_args(data, 2, ladder[1]), ranks=2)
+    assert_same_run(two, read_log(ladder[2]), rel=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# 4. learning rates per generation
+
+
+def reference_lr(s, it):
+    """Generation schedule s at global iteration it, written out again: linear warmup (t+1)/(warmup+1),
+    cosine to min_lr at decay_iters, min_lr after; times mult; t counts from the birth."""
+    t = it - s["birth"]
+    assert t >= 0, "a generation has no learning rate before its birth"
+    if t < s["warmup"]:
+        lr = s["lr"] * (t + 1) / (s["warmup"] + 1)
+    elif t < s["decay_iters"]:
+        progress = (t - s["warmup"]) / (s["decay_iters"] - s["warmup"])
+        lr = s["min_lr"] + (s["lr"] - s["min_lr"]) * 0.5 * (1 + math.cos(math.pi * progress))
+    else:
+        lr = s["min_lr"]
+    return lr * s["mult"]
+
+
+def lr_table(generations, iters):
+    """Markdown: the learning rate of every generation (columns) at the given iterations (rows)."""
+    lines = ["| iter | " + " | ".join(f"gen {g['gen']} (born {g['birth']})" for g in generations) + " |",
+             "| ---: |" + " ---: |" * len(generations)]
+    for it in iters:
+        cells = [f"{reference_lr(g, it):.2e}" if it >= g["birth"] else "-" for g in generations]
+        lines.append(f"| {it} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def expected_table():
+    return [dict(gen=k, birth=k * STAGE_ITERS, **s) for k, s in enumerate(SCHEDULES)]
+
+
+def test_every_generation_follows_its_own_schedule(ladder):
+    table = load_checkpoint(ladder[3] / "ckpt.pt")["generations"]
+    assert table == expected_table()  # the checkpoint stores each stage's schedule and birth
+    seen = set()
+    for k in (1, 2, 3):
+        assert load_checkpoint(ladder[k] / "ckpt.pt")["generations"] == table[:k]
+        events = [e for e in read_log(ladder[k]) if "lr" in e]
+        assert {step_of(e) for e in events} == set(range((k - 1) * STAGE_ITERS, k * STAGE_ITERS + 1))
+        for e in events:
+            assert sorted(map(int, e["lr"])) == list(range(k)), e  # every generation born so far, no other
+            for gen, lr in e["lr"].items():
+                expected = reference_lr(table[int(gen)], step_of(e))
+                assert lr == pytest.approx(expected, rel=1e-12), (k, e["event"], e["iter"], gen)
+                t, s = step_of(e) - table[int(gen)]["birth"], table[int(gen)]
+                seen.add((int(gen), "warmup" if t < s["warmup"] else "cosine" if t < s["decay_iters"] else "min"))
+    # the ladder went through every phase, old generations kept decaying past a new one's birth
+    assert {(0, "warmup"), (0, "cosine"), (0, "min"), (1, "cosine"), (2, "warmup"), (2, "min")} <= seen
+    rows = lr_table(table, [0, 6, 12, 17]).splitlines()
+    assert len(rows) == 6 and rows[2].count("| -") == 2 and f"{reference_lr(table[2], 17):.2e}" in rows[-1]
+
+
+def test_global_lr_mode_gives_every_generation_the_stages_schedule(ladder, data, tmp_path):
+    dirs = {1: ladder[1], 2: tmp_path / "s2", 3: tmp_path / "s3"}
+    for k in (2, 3):
+        log = train(dirs[k], *stage_args(data, k, dirs[k - 1], lr_mode="global"))
+        stage = dict(gen=None, birth=(k - 1) * STAGE_ITERS, **SCHEDULES[k - 1])  # the clock restarts at the stage
+        events = [e for e in log if "lr" in e]
+        assert len(events) == STAGE_ITERS + 3  # evals at 3 iterations, a train event per step
+        for e in events:
+            assert sorted(map(int, e["lr"])) == list(range(k))
+            for lr in e["lr"].values():
+                assert lr == pytest.approx(reference_lr(stage, step_of(e)), rel=1e-12), (k, e)
+    # the generation table is kept as it is: lr_mode only chooses how it is read
+    assert load_checkpoint(dirs[3] / "ckpt.pt")["generations"] == expected_table()
+
+
+# -----------------------------------------------------------------------------
+# 5. FLOPs
+
+
+def counted_flops(model, B, T):
+    """FlopCounterMode's count of one forward and backward. On the CPU the default SDPA kernel counts 0,
+    the math one counts its two bmm's as full (non-causal) T x T products."""
+    idx = torch.randint(0, model.config.vocab_size, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, idx)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def causal_discount(c, T):
+    """What our count leaves out: half of the T x T attention (QK^T and AV, forward 2 + backward 4 per
+    multiply-add, 2 matmuls): 6 * n_layer * n_head * head_dim * T per token. RMSNorm, softmax, SiLU and
+    the loss are not matmuls; neither FlopCounterMode nor 6N counts them, so the rest is exact."""
+    return 6 * c.n_layer * c.n_head * c.head_dim * T
+
+
+def test_flops_per_token_agrees_with_flop_counter_mode():
+    torch.manual_seed(0)
+    c = GPTConfig(vocab_size=96, n_layer=2, n_head=2, head_dim=8, ffn_hidden=24, block_size=32)
+    model = GPT(c)
+    # three generations: wider FFN, more heads, head_dim doubled (permuted weights), deeper, bigger vocab
+    grown = GPT(c)
+    grown, _ = grow_model(grown, replace(c, n_layer=3, n_head=3, head_dim=16, ffn_hidden=40, vocab_size=128),
+                          vocab_init="random")
+    grown, _ = grow_model(grown, replace(grown.config, n_layer=4, n_head=4, ffn_hidden=64), vocab_init="random")
+    assert grown.generations() == [0, 1, 2] and grown.layers[0].attn.wq.row_perm is not None
+    for m in (model, grown):
+        for B, T in ((2, 32), (3, 7)):
+            assert counted_flops(m, B, T) == B * T * (m.flops_per_token(T) + causal_discount(m.config, T))
+
+
+def test_logged_flops_add_up_across_a_grow(ladder):
+    """flops = flops before the stage + FlopCounterMode's per-token count (less the causal discount) of the
+    stage's model x the stage's tokens; stage 2 continues from stage 1's total."""
+    start_tokens = start_flops = 0
+    for k in (1, 2, 3):
+        ckpt = load_checkpoint(ladder[k] / "ckpt.pt")
+        model, T = model_from_checkpoint(ckpt), ckpt["config"]["block_size"]
+        per_token = counted_flops(model, 1, T) // T - causal_discount(model.config, T)
+        log = read_log(ladder[k])
+        assert log[0]["tokens"] == start_tokens and log[0]["flops"] == start_flops
+        for e in log:
+            assert e["tokens"] == e["iter"] * TOKENS_PER_ITER
+            assert e["flops"] == start_flops + per_token * (e["tokens"] - start_tokens), (k, e)
+        start_tokens, start_flops = log[-1]["tokens"], log[-1]["flops"]
+        assert (ckpt["tokens"], ckpt["flops"]) == (start_tokens, start_flops)
+    assert start_tokens == 3 * STAGE_ITERS * TOKENS_PER_ITER
+
+
+# -----------------------------------------------------------------------------
+# 6. bad inputs
+
+
+def snapshot(path):
+    return {p: open(os.path.join(r, p), "rb").read() for r, _, files in os.walk(path) for p in files}
+
+
+def assert_one_line_error(r, message):
+    assert r.returncode != 0, r.stdout[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr[-3000:]
+
+
+def bad_inputs(data, tmp):
+    """(name, train.py arguments, expected message) for each bad input; files are made in tmp."""
+    (tmp / "typo.py").write_text("learning_rate = 1e-3\nlerning_rate = 1e-3\n")
+    torch.save({"model": {"w": torch.randn(3)}, "iter_num": 3}, tmp / "foreign.pt")
+    torch.save({"format": "growing-llama/1", "args": argparse.Namespace(lr=1)}, tmp / "code.pt")
+    (tmp / "notes.txt").write_text("not a checkpoint\n")
+    (tmp / "half_prepared").mkdir()
+    for split in ("train", "val"):
+        shutil.copy(data / "llama2_v512" / f"{split}.bin", tmp / "half_prepared")
+    v512, v1024 = f"--data_dir={data / 'llama2_v512'}", f"--data_dir={data / 'llama2_v1024'}"
+    grow = ["config/tiny_stage2.py", v1024, f"--tokenizer={LLAMA2}"]
+    return [
+        ("unknown override", ["config/tiny_stage1.py", v512, "--no_such_key=1"], "unknown key 'no_such_key'"),
+        ("unknown key in a config file", ["config/tiny_stage1.py", tmp / "typo.py", v512],
+         "sets unknown keys ['lerning_rate']"),
+        ("wrong type", ["config/tiny_stage1.py", v512, "--batch_size=abc"], "is a str, expected int"),
+        ("tier does not match the model", ["config/tiny_stage1.py", v512, "--vocab_size=1024"],
+         "has vocab 512 but the model has 1024"),
+        ("no meta.json", ["config/tiny_stage1.py", f"--data_dir={tmp / 'half_prepared'}"], "no prepared data in"),
+        ("grow from a missing checkpoint", [*grow, f"--grow_from={tmp / 'missing.pt'}"], "no checkpoint at"),
+        ("grow from a foreign dict", [*grow, f"--grow_from={tmp / 'foreign.pt'}"],
+         "is not a checkpoint of this project"),
+        ("grow from a pickle with code", [*grow, f"--grow_from={tmp / 'code.pt'}"], "is not a readable checkpoint"),
+        ("grow from a text file", [*grow, f"--grow_from={tmp / 'notes.txt'}"], "is not a readable checkpoint"),
+        ("resume with no checkpoint", ["config/tiny_stage1.py", v512, "--init_from=resume"], "no checkpoint at"),
+    ]
+
+
+def test_bad_inputs_are_one_line_errors_that_write_nothing(data, tmp_path):
+    for i, (name, args, message) in enumerate(bad_inputs(data, tmp_path)):
+        out_dir = tmp_path / f"out{i}"
+        r = run(*args, f"--out_dir={out_dir}")
+        assert_one_line_error(r, message)
+        assert not out_dir.exists(), name
+
+
+def test_an_out_dir_holding_a_run_is_refused_and_kept(ladder, data, tmp_path):
+    out_dir = tmp_path / "s1"
+    shutil.copytree(ladder[1], out_dir)
+    before = snapshot(out_dir)
+    assert "ckpt.pt" in before and "log.jsonl" in before
+    for args in (stage_args(data, 1), stage_args(data, 2, ladder[1])):  # from scratch, and growing into it
+        r = run(*args, f"--out_dir={out_dir}")
+        assert_one_line_error(r, "already holds a run")
+        assert snapshot(out_dir) == before
