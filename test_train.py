@@ -187,9 +187,15 @@ def test_resume_is_the_same_run(data, tmp_path):
     args = stage_args(data, 1) + ["--dropout=0.1"]
     whole = train(tmp_path / "whole", *args)
     train(tmp_path / "split", *args, "--max_iters=3")
+    shutil.copy(tmp_path / "split" / "ckpt.pt", tmp_path / "ckpt_3.pt")
     split = train(tmp_path / "split", *args, "--init_from=resume", f"--max_iters={STAGE_ITERS}")
     assert_same_run(split, whole, rel=1e-6)
     assert [e["iter"] for e in whole if e["event"] == "train"] == list(range(1, STAGE_ITERS + 1))
+    # killed after logging iterations 4-6 but before the checkpoint at 6: the resumed run replays them,
+    # and the log must hold them once
+    shutil.copy(tmp_path / "ckpt_3.pt", tmp_path / "split" / "ckpt.pt")
+    again = train(tmp_path / "split", *args, "--init_from=resume", f"--max_iters={STAGE_ITERS}")
+    assert_same_run(again, whole, rel=1e-6)
 
 
 def test_resume_of_a_grown_stage_keeps_its_generations(ladder, data, tmp_path):
