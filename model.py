@@ -364,7 +364,7 @@ CHECKPOINT_FORMAT = "growing-llama/1"
 def save_checkpoint(ckpt, path):
     """Write to a temporary file and rename it, so a kill never leaves a broken checkpoint."""
     tmp = f"{path}.tmp"
-    torch.save(ckpt, tmp)
+    torch.save({**ckpt, "format": CHECKPOINT_FORMAT}, tmp)
     os.replace(tmp, path)
 
 

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import GrowError, condense, grow_model
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # config, overridable by config/*.py and --key=value
@@ -185,9 +185,9 @@ model_config = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, 
                          norm_eps=norm_eps, dropout=dropout)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 schedule = dict(warmup=warmup_iters, lr=learning_rate, min_lr=min_lr, decay_iters=decay_iters, mult=lr_mult)
-if init_from != "resume" and os.path.exists(ckpt_path):
-    raise SystemExit(f"{out_dir} already holds a run; use --init_from=resume or another --out_dir")
-grow_event = None
+if init_from != "resume" and any(os.path.exists(os.path.join(out_dir, f)) for f in ("ckpt.pt", "log.jsonl")):
+    raise SystemExit(f"{out_dir} already holds a run; use --init_from=resume, another --out_dir, "
+                     "or delete it (a run killed before its first checkpoint leaves only log.jsonl)")
 if init_from == "scratch":
     model = GPT(model_config)
     optim_state, generations, iter_num, tokens_total, flops_total, best_val_bpb = \
@@ -207,6 +207,13 @@ elif init_from in ("resume", "grow"):
     if init_from == "resume":
         model_config = model.config
         rng_state = ckpt["rng"]["torch"]
+        log_path = os.path.join(out_dir, "log.jsonl")
+        if master and os.path.exists(log_path):  # a killed run logged steps past its checkpoint: they run again
+            with open(log_path) as f:
+                kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] <= iter_num]
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log_path + ".tmp", log_path)
     else:
         parent = ckpt
         parent_meta, parent_bins = open_tier(parent["data"]["data_dir"])
@@ -295,7 +302,7 @@ def save(iter_num):
     if not master:
         return
     save_checkpoint({
-        "format": CHECKPOINT_FORMAT, "model": model_state, "model_config": asdict(raw_model.config),
+        "model": model_state, "model_config": asdict(raw_model.config),
         "optimizer": optim_state,
         "generations": generations, "iter_num": iter_num, "stage_start": stage_start,
         "tokens": tokens_total, "flops": flops_total,
@@ -322,12 +329,10 @@ if init_from == "grow":  # function preservation in practice: the parent's tier,
     old_loss, old_bpb = evaluate(model, parent_bins["val"], parent_meta, pc["eval_iters"] * pc["batch_size"],
                                  pc["block_size"])
     loss, bpb = evaluate(model, bins["val"], meta, n_windows, block_size)
-    grow_event = dict(event="grow", iter=iter_num, tokens=tokens_total, flops=flops_total,
-                      parent_tier_val_bpb=old_bpb, parent_val_bpb=parent["last_val_bpb"],
-                      val_loss=loss, val_bpb=bpb)
+    log_event(dict(event="grow", iter=iter_num, tokens=tokens_total, flops=flops_total,
+                   parent_tier_val_bpb=old_bpb, parent_val_bpb=parent["last_val_bpb"], val_loss=loss, val_bpb=bpb))
     log(f"after growth: parent-tier val bpb {old_bpb:.5f} (parent's last {parent['last_val_bpb']:.5f}), "
         f"this tier {bpb:.5f}")
-    log_event(grow_event)
     del parent
 
 schedules = {g["gen"]: g for g in generations}
