@@ -372,7 +372,7 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}: train that stage first or fix the path")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # ranks share the pages
     except Exception as e:  # pickle errors vary: say what the file is not
         raise SystemExit(f"{path} is not a readable checkpoint ({type(e).__name__}); "
                          "pass a ckpt.pt written by train.py or grow.py") from None

@@ -291,9 +291,14 @@ def get_lr(sched, it):
 
 
 def full(tensors):
-    """On the CPU and whole: FSDP shards are gathered one tensor at a time (every rank takes part), so a
-    checkpoint is the same file whatever the number of GPUs, and resumes on any number."""
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in tensors.items()}
+    """Whole tensors on rank 0's CPU: FSDP shards are gathered one tensor at a time (every rank takes
+    part), so a checkpoint is the same file whatever the number of GPUs, and resumes on any number."""
+    whole = {}
+    for k, v in tensors.items():
+        v = v.full_tensor() if isinstance(v, DTensor) else v
+        if master:
+            whole[k] = v.cpu()
+    return whole
 
 
 def save(iter_num):
@@ -396,4 +401,5 @@ while True:
                        peak_mem_gb=peak_mem_gb))
 
 if ddp:
+    dist.barrier()  # rank 0 may still be writing the checkpoint: leave together
     dist.destroy_process_group()
