@@ -48,7 +48,7 @@ def run(lanes, extra):
     """Start each lane on its own GPU, wait for all, fail loudly if one fails."""
     procs = []
     for gpu, lane in enumerate(lanes):
-        os.makedirs(f"{OUT}/{lane}", exist_ok=True)
+        os.makedirs(OUT, exist_ok=True)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
         log = open(f"{OUT}/lane_{lane}.log", "w")
         procs.append((lane, subprocess.Popen(lane_command(LANES[lane], extra), shell=True, env=env,

@@ -40,15 +40,14 @@ As a CLI:      python grow.py --ckpt out/stage1/ckpt.pt --out out/grown/ckpt.pt 
 
 import argparse
 import math
-import re
+import os
 from dataclasses import asdict, replace
 from functools import partial
 
 import torch
 import torch.nn as nn
 
-from model import GPT, Block, Growable, GPTConfig, assemble, block_generation, block_order, \
-    load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import Block, Growable, assemble, block_generation, load_checkpoint, model_from_checkpoint, save_checkpoint
 
 INIT_STD = 0.02  # drawn parts use the fresh model's init
 zero = nn.init.zeros_
@@ -274,15 +273,23 @@ def main(argv=None):
     ap.add_argument("--vocab_init", default="mean", choices=["mean", "random"])
     ap.add_argument("--tokenizer", help="tokenizer.model (needed for vocab_init=mean)")
     ap.add_argument("--reset_optimizer", action="store_true", help="drop all AdamW state (ablation)")
+    ap.add_argument("--data_dir", help="the data tier of the new vocabulary (needed when it grows)")
     args = ap.parse_args(argv)
+    if os.path.exists(args.out):
+        raise SystemExit(f"grow.py: {args.out} exists; pass another --out (a checkpoint is never overwritten)")
 
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt)
     old, old_description = model.config, describe(model.config, model)  # before growing in place
     tokenizer = None
+    if args.vocab_size and args.vocab_size > old.vocab_size and not args.data_dir:
+        raise SystemExit("grow.py: a larger vocabulary needs --data_dir, the tier it will train and sample on")
     if args.tokenizer:
-        from prepare import load_tokenizer
-        tokenizer = load_tokenizer(args.tokenizer, args.vocab_size or old.vocab_size)
+        from prepare import PrepareError, load_tokenizer
+        try:
+            tokenizer = load_tokenizer(args.tokenizer, args.vocab_size or old.vocab_size)
+        except PrepareError as e:
+            raise SystemExit(f"grow.py: {e}")
     try:
         new = replace(old, **{k: v for k, v in vars(args).items() if v is not None and hasattr(old, k)})
         grown, optim_state = grow_model(model, new, ckpt.get("optimizer"), tokenizer=tokenizer,
@@ -294,7 +301,11 @@ def main(argv=None):
     schedules = ckpt.get("generations", [])
     if schedules:  # the new generation starts now, with the latest generation's schedule shape
         schedules = schedules + [{**schedules[-1], "gen": gen, "birth": ckpt.get("iter_num", 0)}]
-    save_checkpoint({**ckpt, "model": grown.state_dict(), "model_config": asdict(grown.config),
+    data = dict(ckpt.get("data", {}), vocab_size=grown.config.vocab_size)  # sample.py decodes with this tier
+    if args.data_dir:
+        data["data_dir"] = args.data_dir
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    save_checkpoint({**ckpt, "data": data, "model": grown.state_dict(), "model_config": asdict(grown.config),
                      "optimizer": {} if args.reset_optimizer else optim_state,
                      "generations": schedules}, args.out)
     print(f"old: {old_description}\nnew: {describe(grown.config, grown)}\n"

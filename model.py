@@ -259,8 +259,9 @@ class GPT(nn.Module):
 
     def init_rope(self):
         cos, sin = rope_cache(self.config.head_dim, self.config.block_size, self.config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        device = next(self.tok_emb.parameters()).device  # after growth: where the model already is
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def forward(self, idx, targets=None, kv_cache=None, start_pos=0):
         """kv_cache: None, or one (k, v) pair per layer from new_kv_cache, holding positions

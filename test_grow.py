@@ -200,6 +200,7 @@ def fake_prepare(monkeypatch):
     size is the --tokenizer argument, so the test does not depend on a tokenizer file."""
     module = types.ModuleType("prepare")
     module.load_tokenizer = lambda path, vocab_size: FakeTokenizer(int(path))
+    module.PrepareError = type("PrepareError", (Exception,), {})
     monkeypatch.setitem(sys.modules, "prepare", module)
 
 
@@ -217,7 +218,7 @@ def test_cli_round_trip_preserves_logits(tmp_path, fake_prepare, seed):
     for gen in (1, 2):
         config = bigger(config, GROWTHS["all"][0], rng)
         out = tmp_path / f"gen{gen}.pt"
-        grow.main(["--ckpt", str(path), "--out", str(out), f"--tokenizer={config.vocab_size}",
+        grow.main(["--ckpt", str(path), "--out", str(out), f"--tokenizer={config.vocab_size}", "--data_dir=tier",
                    f"--layer_place={rng.choice(['top', 'interleave'])}", *cli_shape(config)])
         path = out
 
@@ -458,8 +459,9 @@ BAD_CLI = [  # (checkpoint kind, arguments, words of the message)
     *[("ours", [f"--{a}={v}"], f"cannot shrink {a}")
       for a, v in (("n_layer", 1), ("n_head", 1), ("ffn_hidden", 8), ("vocab_size", 50))],
     ("ours", ["--head_dim=6"], "head_dim must stay"),  # 4 -> 8 is a doubling, allowed
-    ("ours", ["--vocab_size=80", "--tokenizer=70"], "larger than the tokenizer"),
-    ("ours", ["--vocab_size=80"], "needs --tokenizer"),
+    ("ours", ["--vocab_size=80", "--tokenizer=70", "--data_dir=tier"], "larger than the tokenizer"),
+    ("ours", ["--vocab_size=80", "--data_dir=tier"], "needs --tokenizer"),
+    ("ours", ["--vocab_size=80", "--tokenizer=80"], "needs --data_dir"),
     pytest.param("ours", ["--ffn_hidden=20"], "ffn_hidden=20 is not allowed"),
     ("foreign", ["--n_layer=3"], "not a checkpoint of this project"),
     ("text", ["--n_layer=3"], "not a readable checkpoint"),

@@ -159,6 +159,7 @@ def evaluate(model, data, meta, n_windows, T):
     Logits are restricted to the data's vocabulary, so a grown model can be scored on its
     parent's tier: restricted, it must give the parent's numbers."""
     model.eval()
+    n_windows = -(-n_windows // world) * world  # as many batches on every rank: FSDP forwards are collective
     starts = np.linspace(0, len(data) - T - 1, n_windows).astype(np.int64)[rank::world]
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, count)
     for i in range(0, len(starts), batch_size):
@@ -219,8 +220,13 @@ elif init_from in ("resume", "grow"):
         parent_meta, parent_bins = open_tier(parent["data"]["data_dir"])
         tok = None
         if vocab_size > model.config.vocab_size and vocab_init == "mean":
-            from prepare import load_tokenizer
-            tok = load_tokenizer(tokenizer, vocab_size)
+            from prepare import PrepareError, load_tokenizer
+            try:
+                tok = load_tokenizer(tokenizer, vocab_size)
+            except PrepareError as e:
+                raise SystemExit(f"tokenizer for vocab_init='mean': {e}")
+            if tok.sha256 != meta["tokenizer_sha256"]:
+                raise SystemExit(f"--tokenizer={tokenizer} is not the tokenizer {data_dir} was prepared with")
         old_shape = model.get_num_params()
         try:
             model, optim_state = grow_model(model, model_config, optim_state, tokenizer=tok, layer_place=layer_place,
