@@ -255,10 +255,12 @@ if compile:
         block.compile()
 fsdp = ddp and parallelism == "fsdp"
 if fsdp:  # in place: parameters become DTensors sharded over the ranks, names unchanged
-    mp_policy = MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32)
+    # blocks gather bf16 weights but leave their input alone, and the root (embedding, lm_head) stays
+    # fp32, so the residual stream is fp32 as under DDP with autocast
     for block in model.layers:
-        fully_shard(block, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy)
+        fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32,
+                                                          cast_forward_inputs=False))
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
 elif parallelism != "ddp":
     raise SystemExit(f"parallelism must be 'ddp' or 'fsdp', not {parallelism!r}")
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
