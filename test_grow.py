@@ -30,14 +30,6 @@ from model import CHECKPOINT_FORMAT, GPT, GPTConfig, Growable, block_generation,
 SEEDS = range(3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and lose several-fold when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 # -----------------------------------------------------------------------------
 # tiny models, growth requests, inputs
 

@@ -25,8 +25,8 @@ import grow
 from grow import GrowError, condense, grow_model, head_dim_places
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, Growable, block_generation, load_checkpoint, \
     model_from_checkpoint, save_checkpoint
-from test_grow import FakeTokenizer, adamw, assert_round_off, bigger, named_state, one_thread, probe_gradients, \
-    tiny_config, tiny_model, tokens, train, write_checkpoint  # noqa: F401 (one_thread: autouse fixture)
+from test_grow import FakeTokenizer, adamw, assert_round_off, bigger, named_state, probe_gradients, \
+    tiny_config, tiny_model, tokens, train, write_checkpoint
 
 SEEDS = range(3)
 OTHERS = ("n_layer", "n_head", "ffn_hidden", "vocab_size")

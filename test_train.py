@@ -59,15 +59,6 @@ def schedule_args(s):
             f"--decay_iters={s['decay_iters']}", f"--lr_mult={s['mult']}", f"--max_iters={STAGE_ITERS}"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and lose several-fold when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
