@@ -4,7 +4,8 @@ CUDA events. In one run it compares, for the shape of a config:
     fresh      a freshly built model
     grown      the same shape reached by growing through three generations, blocks not condensed
     condensed  the grown model with its blocks merged into one per weight
-each eager and compiled (per block). MFU counts 6 FLOPs per weight per token plus attention
+each eager and compiled (per block and head). A step is micro_steps forward/backward passes of
+batch_size x block_size tokens and one optimizer step, as a training iteration on one GPU. MFU counts 6 FLOPs per weight per token plus attention
 with the causal discount (only the lower triangle of the scores is computed).
 
     python bench.py config/stage1.py
@@ -13,6 +14,7 @@ with the causal discount (only the lower triangle of the scores is computed).
 
 import json
 import os
+from contextlib import nullcontext
 
 import torch
 import torch._dynamo
@@ -25,6 +27,7 @@ from model import GPT, GPTConfig
 # -----------------------------------------------------------------------------
 vocab_size, n_layer, n_head, head_dim, ffn_hidden, block_size = 4096, 10, 5, 128, 1792, 2048
 batch_size = 8
+micro_steps = 1  # forward/backward passes per optimizer step (train.py's grad_accum_steps / GPUs)
 warmup_steps, timed_steps = 10, 20
 variants = "fresh,grown,condensed"
 compile_modes = "eager,compiled"
@@ -65,10 +68,10 @@ def build(variant):
 
 def bench(variant, compiled):
     torch.manual_seed(0)
+    torch._dynamo.reset()  # no graphs or dynamic-shape decisions carried over from the previous variant
     model = build(variant).to(device)
     if compiled:
-        for block in model.layers:
-            block.compile()
+        model.compile_parts()
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=True)
     runner = DDP(model, device_ids=[device.index]) if ddp else model
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
@@ -77,15 +80,17 @@ def bench(variant, compiled):
     for step in range(warmup_steps + timed_steps):
         if step == warmup_steps:
             start.record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            _, loss = runner(x, x)
-        loss.backward()
+        for micro in range(micro_steps):
+            with runner.no_sync() if ddp and micro < micro_steps - 1 else nullcontext():  # sync the last only
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    _, loss = runner(x, x)
+                loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     end.record()
     torch.cuda.synchronize()
     dt = start.elapsed_time(end) / 1e3 / timed_steps
-    tok_per_s = batch_size * block_size / dt  # per GPU
+    tok_per_s = micro_steps * batch_size * block_size / dt  # per GPU
     return dict(variant=variant, compiled=compiled, gpus=world, blocks=sum(1 for _ in model.parameters()),
                 step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
                 mfu=model.flops_per_token(block_size) * tok_per_s / peak_flops,
@@ -104,7 +109,7 @@ for variant in variants.split(","):
                   f"graphs {r['compiled_frames']}  peak {r['peak_mem_gb']:.1f} GiB", flush=True)
         torch.cuda.reset_peak_memory_stats()
 if rank == 0:
-    print(f"{torch.cuda.get_device_name()}, {world} GPU(s), batch {batch_size}x{block_size}, "
+    print(f"{torch.cuda.get_device_name()}, {world} GPU(s), {micro_steps} x batch {batch_size}x{block_size} per step, "
           f"MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}), causal attention FLOPs")
     if out_json:
         with open(out_json, "w") as f:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
@@ -198,8 +199,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         B, T, _ = x.shape
-        q, k, v = (F.linear(x, w.weight).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-                   for w in (self.wq, self.wk, self.wv))  # (B, n_head, T, head_dim)
+        # one GEMM for q, k and v: the weights are assembled every forward anyway, and a wider GEMM runs faster
+        qkv = F.linear(x, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if cache is not None:  # keep this step's keys and values, attend over the whole prefix
@@ -223,8 +225,8 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(F.linear(F.silu(F.linear(x, self.w1.weight)) * F.linear(x, self.w3.weight),
-                                     self.w2.weight))
+        gate, up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)  # one GEMM, as qkv
+        return self.dropout(F.linear(F.silu(gate) * up, self.w2.weight))
 
 
 class Block(nn.Module):
@@ -247,6 +249,7 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(config, gen) for _ in range(config.n_layer))
         self.norm = Growable(config.n_embd, gen=gen)
         self.lm_head = Growable(config.vocab_size, config.n_embd, gen=gen)
+        self.checkpoint_blocks = False  # recompute each block in backward: memory for time, at 1B+
         self.init_rope()
         # GPT-2 style: N(0, 0.02), the projections that write into the residual stream
         # scaled by 1/sqrt(2 n_layer) so the stream's variance does not grow with depth
@@ -272,13 +275,30 @@ class GPT(nn.Module):
         x = F.embedding(idx, self.tok_emb.weight)  # (B, T, d)
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         for block, cache in zip(self.layers, kv_cache or [None] * len(self.layers)):
-            x = block(x, cos, sin, cache, start_pos)
-        x = rms_norm(x, self.norm.weight, self.config.norm_eps)
-        logits = F.linear(x, self.lm_head.weight)
+            if self.checkpoint_blocks and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, start_pos)
+        return self.head(x, targets)
+
+    def head(self, x, targets=None):
+        """Final norm, logits and loss; its own function so compile_parts can fuse the fp32 log-softmax
+        over the vocabulary, which eager runs as several passes over a (B*T, vocab) matrix."""
+        logits = F.linear(rms_norm(x, self.norm.weight, self.config.norm_eps), self.lm_head.weight)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
+
+    def compile_parts(self):
+        """torch.compile every block and the head, not the whole model: growth changes the depth, and
+        blocks of one structure share a graph. Static shapes: a grown model is one fixed shape per process,
+        and dynamic-shape kernels are slower."""
+        for block in self.layers:
+            block.compile(dynamic=False)
+        self.head = torch.compile(self.head, dynamic=False)
+        # graphs: (block structures, one per generation) x (train, eval, a short last eval batch)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
     def new_kv_cache(self, batch_size, max_len):
         """Per layer, preallocated keys and values: (B, n_head, max_len, head_dim) each."""
@@ -365,7 +385,10 @@ CHECKPOINT_FORMAT = "growing-llama/1"
 def save_checkpoint(ckpt, path):
     """Write to a temporary file and rename it, so a kill never leaves a broken checkpoint."""
     tmp = f"{path}.tmp"
-    torch.save({**ckpt, "format": CHECKPOINT_FORMAT}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({**ckpt, "format": CHECKPOINT_FORMAT}, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, or a crash can leave an empty ckpt.pt
     os.replace(tmp, path)
 
 

@@ -38,6 +38,7 @@ out_dir = "out/tiny_stage1"
 init_from = "scratch"  # 'scratch' | 'resume' (this out_dir's checkpoint) | 'grow' (grow_from, grown to this shape)
 grow_from = ""  # checkpoint of the previous stage
 eval_only = False  # evaluate the checkpoint (init_from='resume') and exit
+write_checkpoints = True  # False: evaluate but never write ckpt.pt (benchmark runs; 7B with AdamW state is ~81 GB)
 # data
 data_dir = "data/tinyshakespeare/llama2_v512"  # a tier written by prepare.py
 tokenizer = "llama2"  # for vocab_init='mean': a tokenizer.model path, or a name prepare.py knows
@@ -81,6 +82,7 @@ seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False
+activation_checkpointing = False  # recompute each block's activations in backward: ~1/3 more compute, far less memory
 parallelism = "ddp"  # 'ddp' (replicate) | 'fsdp' (FSDP2: shard every block and the root; past one GPU's memory)
 peak_flops = 989e12  # per GPU, for MFU
 peak_flops_name = "H100/H200 SXM bf16 dense"
@@ -195,6 +197,7 @@ if init_from == "scratch":
         {}, [dict(gen=0, birth=0, **schedule)], 0, 0, 0, None
     stage_start = 0
 elif init_from in ("resume", "grow"):
+    t_load = time.time()
     ckpt = load_checkpoint(ckpt_path if init_from == "resume" else grow_from)
     if ckpt["data"]["tokenizer_sha256"] != meta["tokenizer_sha256"]:
         raise SystemExit(f"the checkpoint was trained with tokenizer {ckpt['data']['tokenizer']} "
@@ -251,8 +254,8 @@ if init_from == "resume":
 model.to(device)
 raw_model = model  # saved and grown; the compiled / DDP wrappers only run it
 if compile:
-    for block in model.layers:  # per block: whole-model compile would recompile at every new depth
-        block.compile()
+    model.compile_parts()
+model.checkpoint_blocks = activation_checkpointing
 fsdp = ddp and parallelism == "fsdp"
 if fsdp:  # in place: parameters become DTensors sharded over the ranks, names unchanged
     # blocks gather bf16 weights but leave their input alone, and the root (embedding, lm_head) stays
@@ -274,6 +277,8 @@ for name, state in optim_state.items():  # keyed by name: growth shifts position
     optimizer.state[p] = {k: v.to(p.device if k != "step" or device_type == "cuda" else "cpu")
                           for k, v in state.items()}
 del optim_state
+if init_from != "scratch":  # the checkpoint is memory-mapped: most reads happen while moving it to the device
+    log(f"checkpoint {'loaded' if init_from == 'resume' else 'loaded and grown'} in {time.time() - t_load:.1f} s")
 if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if master:
@@ -310,6 +315,7 @@ def full(tensors):
 
 
 def save(iter_num):
+    t_save = time.time()
     model_state = full(raw_model.state_dict())
     optim_state = {name: full(optimizer.state[p]) for name, p in raw_model.named_parameters() if p in optimizer.state}
     if not master:
@@ -323,6 +329,7 @@ def save(iter_num):
         "data": {"tokenizer": meta["tokenizer"], "tokenizer_sha256": meta["tokenizer_sha256"],
                  "vocab_size": meta["vocab_size"], "data_dir": data_dir},
     }, ckpt_path)
+    log(f"saved {ckpt_path} in {time.time() - t_save:.1f} s")
 
 
 def log_event(event):
@@ -366,7 +373,7 @@ while True:
                        lr=lrs, val_loss=val_loss, val_bpb=last_val_bpb))
         if eval_only:
             break
-        if iter_num > stage_start:
+        if iter_num > stage_start and write_checkpoints:
             save(iter_num)
     if iter_num >= end_iter:
         break
