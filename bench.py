@@ -36,7 +36,7 @@ peak_flops_name = "H100/H200 SXM bf16 dense"
 out_json = ""  # also write the results here
 # the config files set training keys bench ignores
 (out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters,
- eval_interval, eval_iters, log_interval, compile, grad_accum_steps, parallelism) = (None,) * 15
+ eval_interval, eval_windows, log_interval, compile, grad_accum_steps, parallelism) = (None,) * 15
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 

@@ -43,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.environ.get("ASSETS_DIR", os.path.join(HERE, "..", "shared", "assets"))
 LLAMA2 = os.path.join(ASSETS, "llama2_tokenizer.model")
 # 8 rows per micro-step, 2 micro-steps: a global batch of 16 rows that 2 DDP ranks split evenly
-TINY = ["--compile=False", "--batch_size=8", "--grad_accum_steps=2", "--eval_iters=2", "--eval_interval=3",
+TINY = ["--compile=False", "--batch_size=8", "--grad_accum_steps=2", "--eval_windows=16", "--eval_interval=3",
         "--log_interval=1"]
 TOKENS_PER_ITER = 8 * 2 * 64  # batch_size * grad_accum_steps * block_size
 # the test ladder: each stage 6 iterations, schedules short enough to show warmup, cosine and min_lr
@@ -153,7 +153,7 @@ def test_grown_stage_gives_the_parents_val_bpb_on_the_parents_tier(ladder, data)
 
     # again in-process: our scoring reproduces stage 1's number, then the grown model's on the same windows
     c = s1["config"]
-    windows = c["eval_iters"] * c["batch_size"]
+    windows = c["eval_windows"]
     model = model_from_checkpoint(s1)
     assert val_bpb(model, data / "llama2_v512", windows, c["block_size"]) == pytest.approx(final["val_bpb"], abs=1e-5)
     s2 = load_checkpoint(ladder[2] / "ckpt.pt")
@@ -163,7 +163,7 @@ def test_grown_stage_gives_the_parents_val_bpb_on_the_parents_tier(ladder, data)
     assert val_bpb(grown, data / "llama2_v512", windows, c["block_size"]) == pytest.approx(final["val_bpb"], abs=1e-5)
     # on its own tier the drawn weights cannot matter either (their partners are zero): train.py's number
     c2 = s2["config"]
-    assert val_bpb(grown, data / "llama2_v1024", c2["eval_iters"] * c2["batch_size"], c2["block_size"]) == \
+    assert val_bpb(grown, data / "llama2_v1024", c2["eval_windows"], c2["block_size"]) == \
         pytest.approx(grow["val_bpb"], abs=1e-5)
     # and training moved stage 2 on from there
     assert read_log(ladder[2])[-1]["val_bpb"] < grow["val_bpb"] - 0.05

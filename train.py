@@ -75,7 +75,7 @@ beta2 = 0.95
 grad_clip = 1.0
 # evaluation and logging
 eval_interval = 50
-eval_iters = 4  # val batches per eval; the windows are fixed, so evals compare across stages
+eval_windows = 64  # val windows per eval, fixed and spread over the split, so evals compare across stages and runs
 log_interval = 10
 seed = 1337
 # system
@@ -338,7 +338,6 @@ def log_event(event):
             f.write(json.dumps(event) + "\n")
 
 
-n_windows = eval_iters * batch_size
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 log(f"{raw_model.get_num_params():,} parameters, generations {raw_model.generations()}, "
     f"{tokens_per_iter:,} tokens/iter, {flops_per_iter / tokens_per_iter / 1e6:.1f} MFLOPs/token "
@@ -346,9 +345,9 @@ log(f"{raw_model.get_num_params():,} parameters, generations {raw_model.generati
 
 if init_from == "grow":  # function preservation in practice: the parent's tier, restricted, then this tier
     pc = parent["config"]
-    old_loss, old_bpb = evaluate(model, parent_bins["val"], parent_meta, pc["eval_iters"] * pc["batch_size"],
+    old_loss, old_bpb = evaluate(model, parent_bins["val"], parent_meta, pc["eval_windows"],
                                  pc["block_size"])
-    loss, bpb = evaluate(model, bins["val"], meta, n_windows, block_size)
+    loss, bpb = evaluate(model, bins["val"], meta, eval_windows, block_size)
     log_event(dict(event="grow", iter=iter_num, tokens=tokens_total, flops=flops_total,
                    parent_tier_val_bpb=old_bpb, parent_val_bpb=parent["last_val_bpb"], val_loss=loss, val_bpb=bpb))
     log(f"after growth: parent-tier val bpb {old_bpb:.5f} (parent's last {parent['last_val_bpb']:.5f}), "
@@ -366,7 +365,7 @@ while True:
         group["lr"] = lrs[group["gen"]]
 
     if (iter_num % eval_interval == 0 or iter_num == end_iter) and iter_num != resumed_at or eval_only:
-        val_loss, last_val_bpb = evaluate(model, bins["val"], meta, n_windows, block_size)
+        val_loss, last_val_bpb = evaluate(model, bins["val"], meta, eval_windows, block_size)
         best_val_bpb = last_val_bpb if best_val_bpb is None else min(best_val_bpb, last_val_bpb)
         log(f"iter {iter_num}: val loss {val_loss:.4f}, val bpb {last_val_bpb:.4f}")
         log_event(dict(event="eval", iter=iter_num, tokens=tokens_total, flops=flops_total,

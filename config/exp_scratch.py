@@ -7,5 +7,5 @@ max_iters = 3300
 learning_rate, min_lr, warmup_iters, decay_iters = 1e-3, 1e-4, 100, 3300
 block_size = 1024
 batch_size, grad_accum_steps = 64, 1  # 64k tokens per iteration
-eval_interval, eval_iters, log_interval = 100, 8, 50
+eval_interval, eval_windows, log_interval = 100, 512, 50
 compile = True

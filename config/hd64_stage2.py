@@ -11,5 +11,5 @@ n_layer, n_head, head_dim, ffn_hidden, block_size = 16, 8, 128, 2816, 2048
 batch_size, grad_accum_steps = 8, 32  # 0.5M tokens per iteration on 8 GPUs or 1 (accumulating)
 max_iters = 2000
 learning_rate, min_lr, warmup_iters, decay_iters = 6e-04, 6e-05, 100, 2000
-eval_interval, eval_iters, log_interval = 250, 20, 10
+eval_interval, eval_windows, log_interval = 250, 160, 10
 compile = True

@@ -7,6 +7,6 @@ n_layer, n_head, head_dim, ffn_hidden, block_size = 32, 32, 128, 11008, 2048
 batch_size, grad_accum_steps = 2, 128  # as stage 7
 max_iters = 14000
 learning_rate, min_lr, warmup_iters, decay_iters = 3e-4, 3e-5, 100, 14000
-eval_interval, eval_iters, log_interval = 250, 20, 10
+eval_interval, eval_windows, log_interval = 250, 160, 10
 compile = True
 parallelism = "fsdp"

@@ -9,5 +9,5 @@ n_layer, n_head, head_dim, ffn_hidden, block_size = 20, 10, 128, 3584, 2048
 batch_size, grad_accum_steps = 8, 32  # 0.5M tokens per iteration on 8 GPUs or 1 (accumulating)
 max_iters = 2000
 learning_rate, min_lr, warmup_iters, decay_iters = 3e-04, 3e-05, 100, 2000
-eval_interval, eval_iters, log_interval = 250, 20, 10
+eval_interval, eval_windows, log_interval = 250, 160, 10
 compile = True

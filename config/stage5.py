@@ -9,6 +9,6 @@ n_layer, n_head, head_dim, ffn_hidden, block_size = 20, 16, 128, 5632, 2048
 batch_size, grad_accum_steps = 8, 32  # 0.5M tokens per iteration; micro-batch for 8 GPUs of 80 GB (estimate, not measured)
 max_iters = 2000
 learning_rate, min_lr, warmup_iters, decay_iters = 3e-04, 3e-05, 100, 2000
-eval_interval, eval_iters, log_interval = 250, 20, 10
+eval_interval, eval_windows, log_interval = 250, 160, 10
 compile = True
 parallelism = "fsdp"  # weights, gradients and AdamW state sharded over the GPUs
