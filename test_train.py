@@ -380,6 +380,9 @@ def bad_inputs(data, tmp):
         ("grow from a pickle with code", [*grow, f"--grow_from={tmp / 'code.pt'}"], "is not a readable checkpoint"),
         ("grow from a text file", [*grow, f"--grow_from={tmp / 'notes.txt'}"], "is not a readable checkpoint"),
         ("resume with no checkpoint", ["config/tiny_stage1.py", v512, "--init_from=resume"], "no checkpoint at"),
+        ("misspelt lr_mode", ["config/tiny_stage1.py", v512, "--lr_mode=globl"], "lr_mode='globl' is not one of"),
+        ("float16 (no GradScaler)", ["config/tiny_stage1.py", v512, "--dtype=float16"], "dtype='float16' is not one of"),
+        ("unknown parallelism", ["config/tiny_stage1.py", v512, "--parallelism=zero3"], "parallelism='zero3' is not"),
     ]
 
 
@@ -400,3 +403,48 @@ def test_an_out_dir_holding_a_run_is_refused_and_kept(ladder, data, tmp_path):
         r = run(*args, f"--out_dir={out_dir}")
         assert_one_line_error(r, "already holds a run")
         assert snapshot(out_dir) == before
+
+
+# -----------------------------------------------------------------------------
+# 7. options that change how a run computes or writes, not what it learns
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    small = GPTConfig(vocab_size=64, n_layer=2, n_head=2, head_dim=8, ffn_hidden=32, block_size=16)
+    model, _ = grow_model(GPT(small), replace(small, n_layer=3, n_head=3, ffn_hidden=48), vocab_init="random")
+    for p in model.parameters():  # the grown strips start at zero; make every gradient path non-trivial
+        p.data.normal_(std=0.1)
+    x = torch.randint(0, 64, (2, 16))
+    results = []
+    for checkpoint_blocks in (False, True):
+        model.checkpoint_blocks = checkpoint_blocks
+        model.zero_grad()
+        _, loss = model(x, x)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    assert torch.equal(loss_plain, loss_ckpt)
+    for name, g in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], g, rtol=0, atol=1e-7, msg=name)
+
+
+def test_eval_windows_do_not_depend_on_batch_size(data, tmp_path):
+    args = ["config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, "--max_iters=0"]
+    bpbs = [train(tmp_path / f"b{b}", *args, f"--batch_size={b}")[0]["val_bpb"] for b in (8, 5)]  # 5: a short batch
+    assert bpbs[0] == pytest.approx(bpbs[1], rel=1e-6)
+
+
+def test_write_checkpoints_false_logs_but_writes_no_checkpoint(data, tmp_path):
+    log = train(tmp_path, "config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, "--max_iters=3",
+                "--write_checkpoints=False")
+    assert [e["iter"] for e in log if e["event"] == "eval"] == [0, 3]
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_resuming_with_another_batch_says_so(ladder, data, tmp_path):
+    out_dir = tmp_path / "s1"
+    shutil.copytree(ladder[1], out_dir)
+    r = run(*stage_args(data, 1), f"--out_dir={out_dir}", "--init_from=resume", "--eval_only=True", "--batch_size=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "warning: resuming with {'batch_size': '8 -> 4'}" in r.stdout

@@ -90,6 +90,11 @@ peak_flops_name = "H100/H200 SXM bf16 dense"
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 config = {k: globals()[k] for k in config_keys}
+for key, allowed in (("init_from", ("scratch", "resume", "grow")), ("lr_mode", ("generation", "global")),
+                     ("parallelism", ("ddp", "fsdp")),
+                     ("dtype", ("bfloat16", "float32"))):  # float16 would need a GradScaler: use bfloat16
+    if config[key] not in allowed:
+        raise SystemExit(f"{key}={config[key]!r} is not one of {', '.join(allowed)}")
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -107,7 +112,7 @@ if grad_accum_steps % world:
 accum = grad_accum_steps // world
 tokens_per_iter = batch_size * block_size * grad_accum_steps
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 autocast = nullcontext() if device_type == "cpu" else torch.autocast(device_type, dtype=ptdtype)
 torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them as they are
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -196,7 +201,7 @@ if init_from == "scratch":
     optim_state, generations, iter_num, tokens_total, flops_total, best_val_bpb = \
         {}, [dict(gen=0, birth=0, **schedule)], 0, 0, 0, None
     stage_start = 0
-elif init_from in ("resume", "grow"):
+else:  # resume or grow
     t_load = time.time()
     ckpt = load_checkpoint(ckpt_path if init_from == "resume" else grow_from)
     if ckpt["data"]["tokenizer_sha256"] != meta["tokenizer_sha256"]:
@@ -210,6 +215,10 @@ elif init_from in ("resume", "grow"):
     stage_start = ckpt["stage_start"] if init_from == "resume" else iter_num
     if init_from == "resume":
         model_config = model.config
+        changed = {k: f"{ckpt['config'][k]} -> {config[k]}" for k in ("batch_size", "grad_accum_steps", "block_size",
+                                                                       "seed") if ckpt["config"][k] != config[k]}
+        if changed:  # allowed (a smaller GPU may need a smaller batch), but it is no longer the same run
+            log(f"warning: resuming with {changed}: the batches from here differ from the original run's")
         rng_state = ckpt["rng"]["torch"]
         log_path = os.path.join(out_dir, "log.jsonl")
         if master and os.path.exists(log_path):  # a killed run logged steps past its checkpoint: they run again
@@ -245,8 +254,6 @@ elif init_from in ("resume", "grow"):
         log(f"grew {grow_from}: {old_shape:,} -> {model.get_num_params():,} parameters, "
             f"generation {generations[-1]['gen']} born at iteration {iter_num}")
     del ckpt
-else:
-    raise SystemExit(f"init_from must be 'scratch', 'resume' or 'grow', not {init_from!r}")
 
 torch.manual_seed(seed + rank)  # dropout differs between ranks
 if init_from == "resume":
@@ -264,8 +271,6 @@ if fsdp:  # in place: parameters become DTensors sharded over the ranks, names u
         fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32,
                                                           cast_forward_inputs=False))
     fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
-elif parallelism != "ddp":
-    raise SystemExit(f"parallelism must be 'ddp' or 'fsdp', not {parallelism!r}")
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
                               fused=device_type == "cuda")
 params = dict(raw_model.named_parameters())
