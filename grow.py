@@ -177,7 +177,9 @@ def vocab_rows_init(emb, tokenizer, vocab_init):
         rows.zero_()
         for i in range(rows.shape[0]):
             pieces = tokenizer.old_tier_pieces(v_old + i, v_old)
-            rows[i, :old.shape[1]] = old[pieces].mean(0)
+            # a token the old tier cannot spell (a special token with no text) starts as the average old
+            # token: finite, at the scale of the other rows (the mean of no pieces would be NaN)
+            rows[i, :old.shape[1]] = old[pieces].mean(0) if pieces else old.mean(0)
     return init
 
 

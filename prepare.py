@@ -145,8 +145,9 @@ class SentencePieceTokenizer(Tokenizer):
 
 class TiktokenTokenizer(Tokenizer):
     """GPT-2's BPE cut to rank < N-1. Its <|endoftext|> becomes the BOS at id N-1, which is GPT-2's own 50256
-    at the full tier 50257; below that, row N-1 changes meaning between tiers, so growing across gpt2 tiers
-    would have to move the BOS row (the Llama 2 family, whose BOS is 1 in every tier, needs nothing)."""
+    at the full tier 50257; below that, id N-1 changes meaning between tiers: growth starts the new BOS row
+    from the old BOS row (old_tier_pieces), and the old BOS row goes on as the ordinary token N_old-1 (the
+    Llama 2 family, whose BOS is 1 in every tier, needs nothing)."""
     def __init__(self, ranks_path, vocab_size):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
@@ -175,7 +176,10 @@ class TiktokenTokenizer(Tokenizer):
         return b
 
     def old_tier_pieces(self, i, old_vocab_size):
-        """Byte-level BPE of token i's bytes with the old tier's ranks (what tiktoken does within one piece)."""
+        """Byte-level BPE of token i's bytes with the old tier's ranks (what tiktoken does within one piece);
+        the BOS, which has no bytes, is the old tier's BOS."""
+        if i == self.bos_id:
+            return [old_vocab_size - 1]
         if i < old_vocab_size - 1:
             return [i]
         parts = [bytes([c]) for c in self.table[i]]

@@ -14,6 +14,7 @@ The invariants of growth (DESIGN.md sections 3-4), on the CPU, in float64, on ti
 
 import copy
 import math
+import os
 import random
 import sys
 import types
@@ -26,6 +27,8 @@ import grow
 from grow import GrowError, condense, grow_model
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, Growable, block_generation, load_checkpoint, \
     model_from_checkpoint, save_checkpoint
+from prepare import load_tokenizer
+from test_prepare import SHAKESPEARE, small_rank_table
 
 SEEDS = range(3)
 
@@ -388,6 +391,30 @@ def test_new_embedding_rows_are_the_mean_of_their_old_pieces(seed):
         assert_round_off(grown[t, :old.n_embd], emb[tok.old_tier_pieces(t, old.vocab_size)].mean(0), f"token {t}")
     assert (grown[old.vocab_size:, old.n_embd:] == 0).all(), "the new dims start at 0"
     assert (model.lm_head.weight[old.vocab_size:] == 0).all(), "new tokens start at logit 0"
+
+
+def test_a_new_token_without_old_pieces_starts_as_the_mean_old_row():
+    class NoPieces(FakeTokenizer):  # every new token is a special token with no text
+        def old_tier_pieces(self, token_id, old_vocab_size):
+            return [token_id] if token_id < old_vocab_size else []
+
+    model = tiny_model(GPTConfig(vocab_size=60, n_layer=1, n_head=2, head_dim=4, ffn_hidden=16, block_size=8), 0)
+    emb = model.tok_emb.weight.detach().clone()
+    grow_model(model, replace(model.config, vocab_size=70), tokenizer=NoPieces(70))
+    assert_round_off(model.tok_emb.weight[60:], emb.mean(0).expand(10, -1), "tokens 60..69")
+
+
+@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason=f"{SHAKESPEARE} not found")
+def test_gpt2_tier_growth_is_finite_and_the_bos_starts_from_the_old_bos(tmp_path):
+    """A gpt2 tier's BOS is its last id, so each tier has a new one: it has no bytes to split into old pieces."""
+    small_rank_table(tmp_path / "ranks.tiktoken", merges=60)  # ids 0..316 at the full tier 317
+    model = tiny_model(GPTConfig(vocab_size=280, n_layer=1, n_head=2, head_dim=4, ffn_hidden=16, block_size=8), 0)
+    emb = model.tok_emb.weight.detach().clone()
+    tok = load_tokenizer("gpt2", 317, str(tmp_path / "ranks.tiktoken"))
+    grow_model(model, replace(model.config, vocab_size=317, n_head=3), tokenizer=tok, vocab_init="mean")
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), f"{name} is not finite"
+    assert_round_off(model.tok_emb.weight[tok.bos_id, :emb.shape[1]], emb[279], "the new BOS row")
 
 
 # -----------------------------------------------------------------------------

@@ -139,9 +139,10 @@ def test_gpt2_family(tmp_path):
         assert [tok.decode(ids) for ids in got[:500]] == [t for k, t in enumerate(docs) if k % 20][:500]
         assert all(tok.decode(tok.encode(d)) == d for d in SMALL_DOCS)
         totals.append(json.loads((tmp_path / 'out' / f'gpt2_v{n}' / 'meta.json').read_text())['train']['tokens'])
-        for i in range(257, n):
+        for i in range(257, n - 1):
             pieces = tok.old_tier_pieces(i, 257)
             assert all(p < 256 for p in pieces) and b''.join(tok.token_bytes(p) for p in pieces) == tok.token_bytes(i)
+        assert tok.old_tier_pieces(n - 1, 257) == [256], 'the BOS is the old tier\'s BOS'
     assert totals[0] > totals[1] > totals[2]
 
 def test_gutenberg_style_jsonl_val_ids(tmp_path, toks):
