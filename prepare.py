@@ -390,11 +390,17 @@ def inspect(tier_dir, tokenizer=None, gpt2_ranks=None):
         raise PrepareError(f'{tier_dir} was made with another tokenizer file; pass the right --tokenizer')
     print(f'{tier_dir}: {meta["tokenizer"]} tier {meta["vocab_size"]}, source {meta["source"]}')
     for s in ('train', 'val'):
-        data = np.memmap(os.path.join(tier_dir, f'{s}.bin'), dtype=np.uint16, mode='r')
-        m = meta[s]
+        path, m = os.path.join(tier_dir, f'{s}.bin'), meta[s]
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        if size != 2 * m['tokens']:  # checked before the memmap, which refuses an odd or empty file
+            raise PrepareError(f'{path} has {size:,} bytes but meta.json says {m["tokens"]:,} tokens of 2 bytes; '
+                               f'delete {tier_dir} and re-run prepare.py')
+        data = np.memmap(path, dtype=np.uint16, mode='r')
         print(f'{s}: {m["documents"]:,} documents, {m["tokens"]:,} tokens, {m["bytes"]:,} bytes, '
               f'{m["bytes"] / m["tokens"]:.3f} bytes/token, max id {data.max()}')
-        assert len(data) == m['tokens'] and data.max() < meta['vocab_size'], f'{s}.bin does not match meta.json'
+        if data.max() >= meta['vocab_size']:
+            raise PrepareError(f'{path} has id {data.max()}, beyond tier {meta["vocab_size"]} of meta.json; '
+                               f'delete {tier_dir} and re-run prepare.py')
     ids = data[1:201].tolist()  # the start of the first val document, up to the next BOS
     ids = ids[:ids.index(tok.bos_id)] if tok.bos_id in ids else ids
     print(f'--- {len(ids)} tokens of the first val document:\n{tok.decode(ids)}')

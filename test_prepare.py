@@ -238,3 +238,20 @@ def test_inspect(tmp_path, capsys):
     prepare.inspect(str(tmp_path / 'llama2_v4096'), LLAMA2)
     out = capsys.readouterr().out
     assert 'bytes/token' in out and 'To be, or not to be.' in out
+
+DAMAGED_BINS = [  # (split, what happens to its bytes, the message)
+    ('train', lambda b: b[:6], 'train.bin has 6 bytes but meta.json says'),  # cut between tokens
+    ('val', lambda b: b[:7], 'val.bin has 7 bytes'),  # mid-token: numpy would refuse to map it
+    ('val', lambda b: b'', 'val.bin has 0 bytes'),
+    ('train', lambda b: b[:-2] + b'\xff\xff', 'train.bin has id 65535, beyond tier 4096'),
+]
+
+@pytest.mark.parametrize('split, damage, message', DAMAGED_BINS)
+def test_inspect_refuses_a_bin_that_does_not_match_meta(tmp_path, split, damage, message):
+    (tmp_path / 'in.txt').write_text('To be, or not to be.\n\nThat is the question.')
+    prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [4096], str(tmp_path), val_fraction=0.5, workers=1)
+    path = tmp_path / 'llama2_v4096' / f'{split}.bin'
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(PrepareError, match=message) as e:
+        prepare.inspect(str(tmp_path / 'llama2_v4096'), LLAMA2)
+    assert '\n' not in str(e.value) and str(e.value).endswith('re-run prepare.py')
