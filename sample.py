@@ -67,8 +67,9 @@ def main(argv=None):
                          f"do not fit block_size {block_size}; shorten the prompt or --max_new_tokens")
     x = torch.tensor([ids], device=device)
 
-    torch.manual_seed(args.seed)
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
+    model.generate(x, min(2, args.max_new_tokens), args.temperature, args.top_k or None, use_cache=not args.no_cache)  # CUDA/cuDNN warm-up,
+    torch.manual_seed(args.seed)  # so the first sample's speed is not seconds of library loading
     for _ in range(args.num_samples):
         sync()
         t0 = time.perf_counter()
