@@ -68,8 +68,9 @@ def main(argv=None):
     x = torch.tensor([ids], device=device)
 
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-    model.generate(x, min(2, args.max_new_tokens), args.temperature, args.top_k or None, use_cache=not args.no_cache)  # CUDA/cuDNN warm-up,
-    torch.manual_seed(args.seed)  # so the first sample's speed is not seconds of library loading
+    # warm-up: CUDA and cuDNN load their kernels on first use, seconds that are not the sampling speed
+    model.generate(x, min(2, args.max_new_tokens), args.temperature, args.top_k or None, use_cache=not args.no_cache)
+    torch.manual_seed(args.seed)
     for _ in range(args.num_samples):
         sync()
         t0 = time.perf_counter()
