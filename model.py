@@ -297,8 +297,9 @@ class GPT(nn.Module):
         for block in self.layers:
             block.compile(dynamic=False)
         self.head = torch.compile(self.head, dynamic=False)
-        # graphs: (block structures, one per generation) x (train, eval, a short last eval batch)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # graphs: (block structures, one per generation) x (train, eval, a short last eval batch); the
+        # limit's old name, an alias of recompile_limit since torch 2.7, works on every torch we support
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
 
     def new_kv_cache(self, batch_size, max_len):
         """Per layer, preallocated keys and values: (B, n_head, max_len, head_dim) each."""
