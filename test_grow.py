@@ -2,7 +2,9 @@
 The invariants of growth (DESIGN.md sections 3-4), on the CPU, in float64, on tiny random models:
 
     function     a grown model gives the old logits on the old vocabulary, to float64 round-off
-    gradients    the first backward pass gives every old block the gradient it had before growth
+    gradients    the first backward pass gives every old block the gradient it had before growth, times
+                 the known factors (RMSNorm gains, and wq at a head_dim doubling): every growth here and
+                 every doubling of test_head_dim.py
     trainable    two AdamW steps move every row and every column of every new block
     Adam state   old blocks keep theirs bit for bit, keyed by name; new blocks start at step 0
     condense     merging generations keeps the logits and glues the Adam moments like the weights
@@ -102,6 +104,31 @@ def grow_by(model, growth, rng, optim_state=None, **options):
         new = bigger(model.config, axes, rng)
         model, optim_state = grow_model(model, new, optim_state, tokenizer=FakeTokenizer(new.vocab_size),
                                         **{**defaults, **options})
+    return optim_state
+
+
+DOUBLINGS = {  # head_dim growths (test_head_dim.py): name: the axes of each step, in order ("head_dim" doubles it)
+    "head_dim": [("head_dim",)],
+    "all": [("head_dim", "n_layer", "n_head", "ffn_hidden", "vocab_size"),  # three generations: doubling with
+            ("n_layer", "n_head", "ffn_hidden", "vocab_size")],               # every axis, then the rest again
+    "twice": [("head_dim", "n_head", "vocab_size"), ("head_dim", "n_layer", "ffn_hidden")],  # permutations compose
+    "late": [("n_head", "ffn_hidden", "vocab_size"), ("head_dim", "n_layer")],  # doubling a weight of several blocks
+}
+
+
+def grow_step(model, axes, rng, optim_state=None):
+    """Grow `axes` once, in place; return the name-keyed Adam state."""
+    new = bigger(model.config, [a for a in axes if a != "head_dim"], rng)
+    if "head_dim" in axes:
+        new = replace(new, head_dim=2 * new.head_dim)
+    return grow_model(model, new, optim_state, tokenizer=FakeTokenizer(new.vocab_size),
+                      layer_place=rng.choice(["top", "interleave"]))[1]
+
+
+def grow_steps(model, doubling, rng, optim_state=None):
+    """Apply the steps of DOUBLINGS[doubling], in place; return the name-keyed Adam state."""
+    for axes in DOUBLINGS[doubling]:
+        optim_state = grow_step(model, axes, rng, optim_state)
     return optim_state
 
 
@@ -250,8 +277,9 @@ def probe_gradients(model, idx, weights):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("growth", GROWTHS)
-def test_first_gradients_of_old_blocks_are_unchanged(growth, seed):
+@pytest.mark.parametrize("grow, growth", [(grow_by, g) for g in GROWTHS] + [(grow_steps, d) for d in DOUBLINGS],
+                         ids=[*GROWTHS, *(f"head_dim_{d}" for d in DOUBLINGS)])
+def test_first_gradients_of_old_blocks_are_unchanged(grow, growth, seed):
     rng = random.Random(seed)
     model = tiny_model(tiny_config(rng), seed)
     old = model.config
@@ -259,14 +287,17 @@ def test_first_gradients_of_old_blocks_are_unchanged(growth, seed):
     weights = torch.randn(3, old.block_size, old.vocab_size, dtype=torch.float64,
                           generator=torch.Generator().manual_seed(seed))
     before = probe_gradients(model, idx, weights)
-    grow_by(model, growth, rng)
+    grow(model, growth, rng)
     after = probe_gradients(model, idx, weights)
-    # an RMSNorm gain was multiplied by sqrt(d_old/d_new) while the rms it divides by shrank by the
-    # same factor, so dL/dgain = dL/dy * x / rms grows by sqrt(d_new/d_old); every other block's is kept
+    # L(w) is the old function of w / factor for a block scaled by factor at growth, so its gradient is divided
+    # by factor: an RMSNorm gain's by sqrt(d_old/d_new) (the rms it divides by shrank as much), wq's by sqrt(2)
+    # per head_dim doubling; every other block's is kept
     gain_factor = math.sqrt(model.config.n_embd / old.n_embd)
+    wq_factor = math.sqrt(old.head_dim / model.config.head_dim)
     assert set(before) <= set(after), "an old block left the model"
     for key, (name, grad) in before.items():
-        assert_round_off(after[key][1], grad * gain_factor if grad.dim() == 1 else grad, f"{name} -> {after[key][0]}")
+        factor = gain_factor if grad.dim() == 1 else wq_factor if ".attn.wq." in name else 1
+        assert_round_off(after[key][1], grad * factor, f"{name} -> {after[key][0]}")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
