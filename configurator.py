@@ -40,7 +40,10 @@ for _arg in sys.argv[1:]:
         except OSError:
             _fail(f"no config file {_arg}; the ladders are in config/")
         _before = dict(globals())
-        exec(_src)
+        try:
+            exec(_src)
+        except Exception as _e:  # a typo in a config file: say where, not a traceback through this file
+            _fail(f"{_arg} does not run: {type(_e).__name__}: {_e}")
         _unknown = []
         for _key, _val in list(globals().items()):
             # helpers a config imports or defines (modules, functions) are not settings

@@ -60,3 +60,14 @@ def test_unknown_key_in_a_config_file(tmp_path, monkeypatch):
     path = config_file(tmp_path, 'learning_rate = 1e-3\nlerning_rate = 1e-3\n')
     with pytest.raises(SystemExit, match=r"sets unknown keys \['lerning_rate'\]"):
         configure(monkeypatch, path)
+
+
+@pytest.mark.parametrize('text, message', [
+    ('batch_size = (8\n', 'does not run: SyntaxError'),
+    ('batch_size = eight\n', "does not run: NameError: name 'eight' is not defined"),
+])
+def test_a_config_file_that_does_not_run(tmp_path, monkeypatch, text, message):
+    path = config_file(tmp_path, text)
+    with pytest.raises(SystemExit) as e:
+        configure(monkeypatch, path)
+    assert message in e.value.code and '\n' not in e.value.code
