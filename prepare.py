@@ -383,6 +383,9 @@ def is_complete(tier_dir, tok, source, split):
 
 def inspect(tier_dir, tokenizer=None, gpt2_ranks=None):
     """Print a tier's counts and bytes per token, check its ids, and decode the start of a document."""
+    if not os.path.isfile(os.path.join(tier_dir, 'meta.json')):
+        raise PrepareError(f'{tier_dir} has no meta.json: pass a tier folder that prepare.py wrote, such as '
+                           'data/tinyshakespeare/llama2_v512')
     with open(os.path.join(tier_dir, 'meta.json')) as f:
         meta = json.load(f)
     tok = load_tokenizer(tokenizer or meta['tokenizer'], meta['vocab_size'], gpt2_ranks)

@@ -255,3 +255,8 @@ def test_inspect_refuses_a_bin_that_does_not_match_meta(tmp_path, split, damage,
     with pytest.raises(PrepareError, match=message) as e:
         prepare.inspect(str(tmp_path / 'llama2_v4096'), LLAMA2)
     assert '\n' not in str(e.value) and str(e.value).endswith('re-run prepare.py')
+
+
+def test_inspect_a_folder_that_is_no_tier(tmp_path):
+    with pytest.raises(PrepareError, match='has no meta.json: pass a tier folder'):
+        prepare.inspect(str(tmp_path), LLAMA2)
