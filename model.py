@@ -199,7 +199,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         B, T, _ = x.shape
-        # one GEMM for q, k and v: the weights are assembled every forward anyway, and a wider GEMM runs faster
+        # one GEMM for q, k and v: copying the weights together costs less than the two GEMMs it saves
         qkv = F.linear(x, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -250,6 +250,7 @@ class GPT(nn.Module):
         self.norm = Growable(config.n_embd, gen=gen)
         self.lm_head = Growable(config.vocab_size, config.n_embd, gen=gen)
         self.checkpoint_blocks = False  # recompute each block in backward: memory for time, at 1B+
+        self.head_fn = GPT.head  # compile_parts swaps in a compiled one
         self.init_rope()
         # GPT-2 style: N(0, 0.02), the projections that write into the residual stream
         # scaled by 1/sqrt(2 n_layer) so the stream's variance does not grow with depth
@@ -275,11 +276,11 @@ class GPT(nn.Module):
         x = F.embedding(idx, self.tok_emb.weight)  # (B, T, d)
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         for block, cache in zip(self.layers, kv_cache or [None] * len(self.layers)):
-            if self.checkpoint_blocks and self.training:
+            if self.checkpoint_blocks and cache is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache, start_pos)
-        return self.head(x, targets)
+        return self.head_fn(self, x, targets)
 
     def head(self, x, targets=None):
         """Final norm, logits and loss; its own function so compile_parts can fuse the fp32 log-softmax
@@ -293,10 +294,10 @@ class GPT(nn.Module):
     def compile_parts(self):
         """torch.compile every block and the head, not the whole model: growth changes the depth, and
         blocks of one structure share a graph. Static shapes: a grown model is one fixed shape per process,
-        and dynamic-shape kernels are slower."""
+        and dynamic-shape kernels are slower. Call it once, after growing."""
         for block in self.layers:
             block.compile(dynamic=False)
-        self.head = torch.compile(self.head, dynamic=False)
+        self.head_fn = torch.compile(GPT.head, dynamic=False)  # unbound: a copy of the model uses its own weights
         # graphs: (block structures, one per generation) x (train, eval, a short last eval batch); the
         # limit's old name, an alias of recompile_limit since torch 2.7, works on every torch we support
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -386,10 +387,15 @@ CHECKPOINT_FORMAT = "growing-llama/1"
 def save_checkpoint(ckpt, path):
     """Write to a temporary file and rename it, so a kill never leaves a broken checkpoint."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save({**ckpt, "format": CHECKPOINT_FORMAT}, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, or a crash can leave an empty ckpt.pt
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({**ckpt, "format": CHECKPOINT_FORMAT}, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, or a crash can leave an empty ckpt.pt
+    except BaseException:  # a full disk, Ctrl-C: the last good checkpoint stays, with no half-written file beside it
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 

@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from grow import grow_model
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint
+from model import GPT, Block, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
 from prepare import load_tokenizer, prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -409,21 +409,25 @@ def test_an_out_dir_holding_a_run_is_refused_and_kept(ladder, data, tmp_path):
 # 7. options that change how a run computes or writes, not what it learns
 
 
-def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
     torch.manual_seed(0)
     small = GPTConfig(vocab_size=64, n_layer=2, n_head=2, head_dim=8, ffn_hidden=32, block_size=16)
     model, _ = grow_model(GPT(small), replace(small, n_layer=3, n_head=3, ffn_hidden=48), vocab_init="random")
     for p in model.parameters():  # the grown strips start at zero; make every gradient path non-trivial
         p.data.normal_(std=0.1)
     x = torch.randint(0, 64, (2, 16))
+    calls, forward = [], Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
     results = []
     for checkpoint_blocks in (False, True):
         model.checkpoint_blocks = checkpoint_blocks
         model.zero_grad()
+        calls.clear()
         _, loss = model(x, x)
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)))
+    (loss_plain, grads_plain, calls_plain), (loss_ckpt, grads_ckpt, calls_ckpt) = results
+    assert (calls_plain, calls_ckpt) == (3, 6)  # checkpointed: every block runs again in the backward
     assert torch.equal(loss_plain, loss_ckpt)
     for name, g in grads_plain.items():
         torch.testing.assert_close(grads_ckpt[name], g, rtol=0, atol=1e-7, msg=name)
@@ -448,3 +452,37 @@ def test_resuming_with_another_batch_says_so(ladder, data, tmp_path):
     r = run(*stage_args(data, 1), f"--out_dir={out_dir}", "--init_from=resume", "--eval_only=True", "--batch_size=4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning: resuming with {'batch_size': '8 -> 4'}" in r.stdout
+    r = run(*stage_args(data, 1), f"--out_dir={out_dir}", "--init_from=resume", "--n_layer=5")
+    assert_one_line_error(r, "--init_from=resume keeps the checkpoint's shape, but n_layer=5 (checkpoint: 2)")
+
+
+def test_compile_parts_gives_the_eager_loss_and_gradients():
+    torch.manual_seed(0)
+    small = GPTConfig(vocab_size=64, n_layer=2, n_head=2, head_dim=8, ffn_hidden=32, block_size=16)
+    model, _ = grow_model(GPT(small), replace(small, n_layer=3, n_head=3, ffn_hidden=48), vocab_init="random")
+    for p in model.parameters():
+        p.data.normal_(std=0.1)
+    x = torch.randint(0, 64, (2, 16))
+    _, loss = model(x, x)
+    loss.backward()
+    eager = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.compile_parts()
+    torch._dynamo.utils.counters.clear()
+    _, loss = model(x, x)
+    loss.backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3  # two block structures and the head
+    torch.testing.assert_close(loss.detach(), eager[0], rtol=1e-6, atol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_growing_a_checkpoint_from_before_eval_windows(ladder, data, tmp_path):
+    ckpt = load_checkpoint(ladder[1] / "ckpt.pt")
+    config = {k: v for k, v in ckpt["config"].items() if k != "eval_windows"}
+    old = tmp_path / "old.pt"  # its 16 windows as eval_iters x batch_size
+    save_checkpoint({**ckpt, "config": {**config, "eval_iters": 2, "batch_size": 8}}, old)
+    args = stage_args(data, 2, ladder[1])
+    log = train(tmp_path / "s2", *[a for a in args if not a.startswith("--grow_from")], f"--grow_from={old}")
+    grow = log[0]
+    assert grow["event"] == "grow" and grow["parent_tier_val_bpb"] == pytest.approx(grow["parent_val_bpb"], rel=1e-6)

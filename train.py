@@ -91,7 +91,8 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 config = {k: globals()[k] for k in config_keys}
 for key, allowed in (("init_from", ("scratch", "resume", "grow")), ("lr_mode", ("generation", "global")),
-                     ("parallelism", ("ddp", "fsdp")),
+                     ("parallelism", ("ddp", "fsdp")), ("layer_place", ("top", "interleave")),
+                     ("layer_init", ("zero", "copy")), ("vocab_init", ("mean", "random")),
                      ("dtype", ("bfloat16", "float32"))):  # float16 would need a GradScaler: use bfloat16
     if config[key] not in allowed:
         raise SystemExit(f"{key}={config[key]!r} is not one of {', '.join(allowed)}")
@@ -109,6 +110,8 @@ else:
 master = rank == 0
 if grad_accum_steps % world:
     raise SystemExit(f"grad_accum_steps={grad_accum_steps} must be a multiple of the {world} ranks")
+if eval_windows % world:  # every rank evaluates its share: the same windows on any number of GPUs
+    raise SystemExit(f"eval_windows={eval_windows} must be a multiple of the {world} ranks")
 accum = grad_accum_steps // world
 tokens_per_iter = batch_size * block_size * grad_accum_steps
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -215,8 +218,13 @@ else:  # resume or grow
     stage_start = ckpt["stage_start"] if init_from == "resume" else iter_num
     if init_from == "resume":
         model_config = model.config
-        changed = {k: f"{ckpt['config'][k]} -> {config[k]}" for k in ("batch_size", "grad_accum_steps", "block_size",
-                                                                       "seed") if ckpt["config"][k] != config[k]}
+        shape = {k: (v, config[k]) for k, v in ckpt["model_config"].items() if k in config and v != config[k]}
+        if shape:
+            k, (was, now) = next(iter(shape.items()))
+            raise SystemExit(f"--init_from=resume keeps the checkpoint's shape, but {k}={now} (checkpoint: {was}); "
+                             "drop the override, or grow it with --init_from=grow into a new out_dir")
+        changed = {k: f"{ckpt['config'][k]} -> {config[k]}" for k in ("batch_size", "grad_accum_steps", "seed")
+                   if ckpt["config"][k] != config[k]}
         if changed:  # allowed (a smaller GPU may need a smaller batch), but it is no longer the same run
             log(f"warning: resuming with {changed}: the batches from here differ from the original run's")
         rng_state = ckpt["rng"]["torch"]
@@ -283,7 +291,7 @@ for name, state in optim_state.items():  # keyed by name: growth shifts position
                           for k, v in state.items()}
 del optim_state
 if init_from != "scratch":  # the checkpoint is memory-mapped: most reads happen while moving it to the device
-    log(f"checkpoint {'loaded' if init_from == 'resume' else 'loaded and grown'} in {time.time() - t_load:.1f} s")
+    log(f"checkpoint read{', grown' if init_from == 'grow' else ''} and on {device} in {time.time() - t_load:.1f} s")
 if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 if master:
@@ -350,8 +358,8 @@ log(f"{raw_model.get_num_params():,} parameters, generations {raw_model.generati
 
 if init_from == "grow":  # function preservation in practice: the parent's tier, restricted, then this tier
     pc = parent["config"]
-    old_loss, old_bpb = evaluate(model, parent_bins["val"], parent_meta, pc["eval_windows"],
-                                 pc["block_size"])
+    parent_windows = pc.get("eval_windows") or pc["eval_iters"] * pc["batch_size"]  # before eval_windows existed
+    old_loss, old_bpb = evaluate(model, parent_bins["val"], parent_meta, parent_windows, pc["block_size"])
     loss, bpb = evaluate(model, bins["val"], meta, eval_windows, block_size)
     log_event(dict(event="grow", iter=iter_num, tokens=tokens_total, flops=flops_total,
                    parent_tier_val_bpb=old_bpb, parent_val_bpb=parent["last_val_bpb"], val_loss=loss, val_bpb=bpb))
