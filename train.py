@@ -218,7 +218,8 @@ else:  # resume or grow
     stage_start = ckpt["stage_start"] if init_from == "resume" else iter_num
     if init_from == "resume":
         model_config = model.config
-        shape = {k: (v, config[k]) for k, v in ckpt["model_config"].items() if k in config and v != config[k]}
+        shape = {k: (ckpt["model_config"][k], config[k]) for k in ("vocab_size", "n_layer", "n_head", "head_dim",
+                 "ffn_hidden", "block_size") if ckpt["model_config"][k] != config[k]}  # (growth rescales norm_eps)
         if shape:
             k, (was, now) = next(iter(shape.items()))
             raise SystemExit(f"--init_from=resume keeps the checkpoint's shape, but {k}={now} (checkpoint: {was}); "
