@@ -292,6 +292,9 @@ def main(argv=None):
             tokenizer = load_tokenizer(args.tokenizer, args.vocab_size or old.vocab_size)
         except PrepareError as e:
             raise SystemExit(f"grow.py: {e}")
+        trained_with = ckpt.get("data", {}).get("tokenizer_sha256")
+        if trained_with and tokenizer.sha256 != trained_with:
+            raise SystemExit(f"grow.py: {args.tokenizer} is not the tokenizer {args.ckpt} was trained with")
     try:
         new = replace(old, **{k: v for k, v in vars(args).items() if v is not None and hasattr(old, k)})
         grown, optim_state = grow_model(model, new, ckpt.get("optimizer"), tokenizer=tokenizer,
@@ -308,8 +311,8 @@ def main(argv=None):
         data["data_dir"] = args.data_dir
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     save_checkpoint({**ckpt, "data": data, "model": grown.state_dict(), "model_config": asdict(grown.config),
-                     "optimizer": {} if args.reset_optimizer else optim_state,
-                     "generations": schedules}, args.out)
+                     "optimizer": {} if args.reset_optimizer else optim_state, "generations": schedules,
+                     "stage_start": ckpt.get("iter_num", 0)}, args.out)  # a resume trains a new stage from here
     print(f"old: {old_description}\nnew: {describe(grown.config, grown)}\n"
           f"generation {gen} added; wrote {args.out}")
 

@@ -486,3 +486,14 @@ def test_growing_a_checkpoint_from_before_eval_windows(ladder, data, tmp_path):
     log = train(tmp_path / "s2", *[a for a in args if not a.startswith("--grow_from")], f"--grow_from={old}")
     grow = log[0]
     assert grow["event"] == "grow" and grow["parent_tier_val_bpb"] == pytest.approx(grow["parent_val_bpb"], rel=1e-6)
+
+
+def test_a_checkpoint_grown_by_grow_py_resumes_as_a_new_stage(ladder, data, tmp_path):
+    out = tmp_path / "grown"
+    r = subprocess.run([sys.executable, "grow.py", "--ckpt", str(ladder[1] / "ckpt.pt"), "--out", str(out / "ckpt.pt"),
+                        "--n_layer=3", "--n_head=3", "--ffn_hidden=128", "--vocab_size=1024", f"--tokenizer={LLAMA2}",
+                        f"--data_dir={data / 'llama2_v1024'}"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = [a for a in stage_args(data, 2, ladder[1]) if not a.startswith("--grow_from")]
+    log = train(out, *args, "--init_from=resume")
+    assert [e["iter"] for e in log if e["event"] == "train"][-1] == 2 * STAGE_ITERS  # a whole stage after stage 1's
