@@ -40,6 +40,8 @@ out_json = ""  # also write the results here
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
+if not torch.cuda.is_available():
+    raise SystemExit("bench.py times CUDA kernels: run it on a machine with an NVIDIA GPU")
 ddp = "RANK" in os.environ
 if ddp:
     dist.init_process_group("nccl")

@@ -288,7 +288,7 @@ class GPT(nn.Module):
         logits = F.linear(rms_norm(x, self.norm.weight, self.config.norm_eps), self.lm_head.weight)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
     def compile_parts(self):
@@ -371,9 +371,9 @@ class GPT(nn.Module):
                 blocks = {k[len(prefix):]: v for k, v in state_dict.items()
                           if k.startswith(prefix) and "." not in k[len(prefix):]}
                 module.set_blocks({k: v.clone() for k, v in blocks.items()})
-        missing = {n for n, _ in model.named_parameters()} ^ {k for k in state_dict if not k.endswith("_perm")}
-        if missing:
-            raise ValueError(f"state dict does not match GPTConfig {config}: {sorted(missing)[:4]}...")
+        mismatch = {n for n, _ in model.named_parameters()} ^ {k for k in state_dict if not k.endswith("_perm")}
+        if mismatch:
+            raise ValueError(f"state dict does not match GPTConfig {config}: {sorted(mismatch)[:4]}...")
         model.init_rope()
         return model
 

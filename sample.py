@@ -9,6 +9,7 @@ Each sample ends with its speed in tokens/s (prompt processing included); --no_c
 the KV cache saves.
 """
 import argparse
+import os
 import time
 
 import torch
@@ -59,6 +60,8 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     model.to(device, dtype).eval()
 
+    if args.prompt_file and not os.path.isfile(args.prompt_file):
+        raise SystemExit(f"no prompt file {args.prompt_file}")
     prompt = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
     ids = [tok.bos_id] + tok.encode(prompt)  # training documents start with BOS
     block_size = model.config.block_size

@@ -380,6 +380,8 @@ def bad_inputs(data, tmp):
         ("grow from a pickle with code", [*grow, f"--grow_from={tmp / 'code.pt'}"], "is not a readable checkpoint"),
         ("grow from a text file", [*grow, f"--grow_from={tmp / 'notes.txt'}"], "is not a readable checkpoint"),
         ("resume with no checkpoint", ["config/tiny_stage1.py", v512, "--init_from=resume"], "no checkpoint at"),
+        ("a shape GPTConfig refuses", ["config/tiny_stage1.py", v512, "--ffn_hidden=100"],
+         "ffn_hidden=100 is not allowed"),
         ("misspelt lr_mode", ["config/tiny_stage1.py", v512, "--lr_mode=globl"], "lr_mode='globl' is not one of"),
         ("float16 (no GradScaler)", ["config/tiny_stage1.py", v512, "--dtype=float16"], "dtype='float16' is not one of"),
         ("unknown parallelism", ["config/tiny_stage1.py", v512, "--parallelism=zero3"], "parallelism='zero3' is not"),

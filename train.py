@@ -130,7 +130,7 @@ def log(msg):
 # ---- data -------------------------------------------------------------------
 
 def open_tier(path):
-    """The tier's bins as memmaps, with meta.json; a fresh memmap per call avoids a known leak."""
+    """The tier's bins as memmaps, with meta.json."""
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path):
         raise SystemExit(f"no prepared data in {path}: run prepare.py for this tier first")
@@ -191,9 +191,12 @@ def evaluate(model, data, meta, n_windows, T):
 
 # ---- model, optimizer state and generation table -------------------------------
 
-model_config = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
-                         ffn_hidden=ffn_hidden, block_size=block_size, rope_theta=rope_theta,
-                         norm_eps=norm_eps, dropout=dropout)
+try:
+    model_config = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
+                             ffn_hidden=ffn_hidden, block_size=block_size, rope_theta=rope_theta,
+                             norm_eps=norm_eps, dropout=dropout)
+except ValueError as e:
+    raise SystemExit(str(e))
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 schedule = dict(warmup=warmup_iters, lr=learning_rate, min_lr=min_lr, decay_iters=decay_iters, mult=lr_mult)
 if init_from != "resume" and any(os.path.exists(os.path.join(out_dir, f)) for f in ("ckpt.pt", "log.jsonl")):
@@ -248,7 +251,7 @@ else:  # resume or grow
                 raise SystemExit(f"tokenizer for vocab_init='mean': {e}")
             if tok.sha256 != meta["tokenizer_sha256"]:
                 raise SystemExit(f"--tokenizer={tokenizer} is not the tokenizer {data_dir} was prepared with")
-        old_shape = model.get_num_params()
+        old_params = model.get_num_params()
         try:
             model, optim_state = grow_model(model, model_config, optim_state, tokenizer=tok, layer_place=layer_place,
                                             layer_init=layer_init, vocab_init=vocab_init)
@@ -260,19 +263,21 @@ else:  # resume or grow
         if condense_upto >= 0:
             model, optim_state = condense(model, condense_upto, optim_state)
         model_config = model.config
-        log(f"grew {grow_from}: {old_shape:,} -> {model.get_num_params():,} parameters, "
+        log(f"grew {grow_from}: {old_params:,} -> {model.get_num_params():,} parameters, "
             f"generation {generations[-1]['gen']} born at iteration {iter_num}")
     del ckpt
 
 torch.manual_seed(seed + rank)  # dropout differs between ranks
-if init_from == "resume":
-    torch.set_rng_state(rng_state)  # rank 0's: with dropout, ranks > 0 continue on a new stream
+if init_from == "resume" and master:
+    torch.set_rng_state(rng_state)  # the checkpoint holds rank 0's: with dropout, ranks > 0 continue on a new stream
 model.to(device)
 raw_model = model  # saved and grown; the compiled / DDP wrappers only run it
 if compile:
     model.compile_parts()
 model.checkpoint_blocks = activation_checkpointing
 fsdp = ddp and parallelism == "fsdp"
+if parallelism == "fsdp" and not ddp:
+    log("parallelism='fsdp' shards over torchrun's ranks; this single process runs unsharded")
 if fsdp:  # in place: parameters become DTensors sharded over the ranks, names unchanged
     # blocks gather bf16 weights but leave their input alone, and the root (embedding, lm_head) stays
     # fp32, so the residual stream is fp32 as under DDP with autocast
@@ -378,7 +383,7 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lrs[group["gen"]]
 
-    if (iter_num % eval_interval == 0 or iter_num == end_iter) and iter_num != resumed_at or eval_only:
+    if ((iter_num % eval_interval == 0 or iter_num == end_iter) and iter_num != resumed_at) or eval_only:
         val_loss, last_val_bpb = evaluate(model, bins["val"], meta, eval_windows, block_size)
         best_val_bpb = last_val_bpb if best_val_bpb is None else min(best_val_bpb, last_val_bpb)
         log(f"iter {iter_num}: val loss {val_loss:.4f}, val bpb {last_val_bpb:.4f}")
