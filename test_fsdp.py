@@ -12,6 +12,8 @@ from prepare import prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.environ.get("ASSETS_DIR", os.path.join(HERE, "..", "shared", "assets"))
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(ASSETS, "llama2_tokenizer.model")),
+                                reason=f"assets not found in {ASSETS} (set ASSETS_DIR)")
 TINY = ["--max_iters=12", "--grad_accum_steps=2", "--log_interval=3", "--eval_interval=6", "--compile=False"]
 
 

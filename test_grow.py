@@ -311,8 +311,13 @@ def test_two_adamw_steps_move_every_row_and_column_of_new_blocks(growth, seed):
     new = {n: p.detach().clone() for n, p in model.named_parameters() if block_generation(n) > 0}
     assert new
     train(model, adamw(model), 2, seed)
-    for name, init in new.items():
-        moved = model.get_parameter(name) != init
+    assert_every_row_and_column_moved(model, new)
+
+
+def assert_every_row_and_column_moved(model, init):
+    """Every entry of a gain, every row and every column of a matrix in `init` ({name: value}) has left it."""
+    for name, before in init.items():
+        moved = model.get_parameter(name) != before
         if moved.dim() == 1:
             assert moved.all(), f"{name}: entries {(~moved).nonzero().flatten().tolist()} did not move"
         else:

@@ -24,8 +24,8 @@ import torch
 import grow
 from grow import GrowError, condense, grow_model, head_dim_places
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, Growable, block_generation, load_checkpoint, model_from_checkpoint
-from test_grow import DOUBLINGS, adamw, assert_round_off, grow_step, grow_steps, named_state, tiny_config, \
-    tiny_model, tokens, train, write_checkpoint
+from test_grow import DOUBLINGS, adamw, assert_every_row_and_column_moved, assert_round_off, grow_step, grow_steps, \
+    named_state, tiny_config, tiny_model, tokens, train, write_checkpoint
 
 SEEDS = range(3)
 
@@ -75,13 +75,7 @@ def test_two_adamw_steps_move_every_row_and_column_of_new_blocks(growth, seed):
         grow_step(model, axes, rng)
         born = {n: p.detach().clone() for n, p in model.named_parameters() if block_generation(n) == gen}
         train(model, adamw(model), 2, seed + 2 * gen)
-        for name, init in born.items():
-            moved = model.get_parameter(name) != init
-            if moved.dim() == 1:
-                assert moved.all(), f"{name}: entries {(~moved).nonzero().flatten().tolist()} did not move"
-            else:
-                assert moved.any(1).all(), f"{name}: rows {(~moved.any(1)).nonzero().flatten().tolist()} did not move"
-                assert moved.any(0).all(), f"{name}: columns {(~moved.any(0)).nonzero().flatten().tolist()} did not move"
+        assert_every_row_and_column_moved(model, born)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
