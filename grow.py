@@ -184,7 +184,7 @@ def vocab_rows_init(emb, tokenizer, vocab_init):
 
 
 @torch.no_grad()
-def grow_model(model, new_config, optim_state=None, *, gen=None, tokenizer=None,
+def grow_model(model, new_config, optim_state=None, *, tokenizer=None,
                layer_place="top", layer_init="zero", vocab_init="mean"):
     """Grow model in place (no second copy at 7B) and return (model, optim_state keyed by the
     grown model's parameter names). optim_state maps parameter name -> AdamW state; the old
@@ -192,7 +192,7 @@ def grow_model(model, new_config, optim_state=None, *, gen=None, tokenizer=None,
     old = model.config
     check_growth(old, new_config, tokenizer, layer_place, layer_init, vocab_init)
     old_names = {id(p): n for n, p in model.named_parameters()}
-    gen = max(model.generations()) + 1 if gen is None else gen
+    gen = max(model.generations()) + 1
     # with eps scaled like the squares' mean, the zero new dims leave every RMSNorm exact
     c = replace(new_config, norm_eps=old.norm_eps * old.n_embd / new_config.n_embd)
     d = c.n_embd

@@ -242,13 +242,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config, gen=0):
+    def __init__(self, config):
         super().__init__()
         self.config = config
-        self.tok_emb = Growable(config.vocab_size, config.n_embd, gen=gen)
-        self.layers = nn.ModuleList(Block(config, gen) for _ in range(config.n_layer))
-        self.norm = Growable(config.n_embd, gen=gen)
-        self.lm_head = Growable(config.vocab_size, config.n_embd, gen=gen)
+        self.tok_emb = Growable(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = Growable(config.n_embd)
+        self.lm_head = Growable(config.vocab_size, config.n_embd)
         self.checkpoint_blocks = False  # recompute each block in backward: memory for time, at 1B+
         self.head_fn = GPT.head  # compile_parts swaps in a compiled one
         self.init_rope()
