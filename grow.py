@@ -289,12 +289,10 @@ def main(argv=None):
     if args.tokenizer:
         from prepare import PrepareError, load_tokenizer
         try:
-            tokenizer = load_tokenizer(args.tokenizer, args.vocab_size or old.vocab_size)
+            tokenizer = load_tokenizer(args.tokenizer, args.vocab_size or old.vocab_size,
+                                       sha256=ckpt.get("data", {}).get("tokenizer_sha256"))
         except PrepareError as e:
             raise SystemExit(f"grow.py: {e}")
-        trained_with = ckpt.get("data", {}).get("tokenizer_sha256")
-        if trained_with and tokenizer.sha256 != trained_with:
-            raise SystemExit(f"grow.py: {args.tokenizer} is not the tokenizer {args.ckpt} was trained with")
     try:
         new = replace(old, **{k: v for k, v in vars(args).items() if v is not None and hasattr(old, k)})
         grown, optim_state = grow_model(model, new, ckpt.get("optimizer"), tokenizer=tokenizer,

@@ -196,13 +196,19 @@ def check_vocab_size(n, lo, hi, what):
     if n > 65536:
         raise PrepareError(f'tier {n} does not fit the uint16 bins; pick a tier <= 65536')
 
-def load_tokenizer(path_or_name, vocab_size, gpt2_ranks=None):
-    """'llama2' (downloaded and cached), a SentencePiece .model path, or 'gpt2', cut to vocab_size ids."""
+def load_tokenizer(path_or_name, vocab_size, gpt2_ranks=None, sha256=None):
+    """'llama2' (downloaded and cached), a SentencePiece .model path, or 'gpt2', cut to vocab_size ids.
+    sha256: the file a tier or checkpoint was made with (meta.json, ckpt['data']); another is refused."""
     if path_or_name == 'gpt2':
-        return TiktokenTokenizer(gpt2_ranks, vocab_size)
-    if path_or_name in (None, 'llama2'):
-        path_or_name = download(LLAMA2_URL, os.path.join(CACHE, 'llama2_tokenizer.model'), LLAMA2_SHA256)
-    return SentencePieceTokenizer(path_or_name, vocab_size)
+        tok = TiktokenTokenizer(gpt2_ranks, vocab_size)
+    else:
+        if path_or_name in (None, 'llama2'):
+            path_or_name = download(LLAMA2_URL, os.path.join(CACHE, 'llama2_tokenizer.model'), LLAMA2_SHA256)
+        tok = SentencePieceTokenizer(path_or_name, vocab_size)
+    if sha256 and tok.sha256 != sha256:
+        raise PrepareError(f'{path_or_name} is not the tokenizer file the data or checkpoint was made with '
+                           f'(sha256 {sha256[:12]}...); pass the right --tokenizer')
+    return tok
 
 # -----------------------------------------------------------------------------
 # documents: streamed from .txt, .jsonl, .jsonl.xz, .json.gz files or a folder of them
@@ -388,9 +394,7 @@ def inspect(tier_dir, tokenizer=None, gpt2_ranks=None):
                            'data/tinyshakespeare/llama2_v512')
     with open(os.path.join(tier_dir, 'meta.json')) as f:
         meta = json.load(f)
-    tok = load_tokenizer(tokenizer or meta['tokenizer'], meta['vocab_size'], gpt2_ranks)
-    if tok.sha256 != meta['tokenizer_sha256']:
-        raise PrepareError(f'{tier_dir} was made with another tokenizer file; pass the right --tokenizer')
+    tok = load_tokenizer(tokenizer or meta['tokenizer'], meta['vocab_size'], gpt2_ranks, meta['tokenizer_sha256'])
     print(f'{tier_dir}: {meta["tokenizer"]} tier {meta["vocab_size"]}, source {meta["source"]}')
     for s in ('train', 'val'):
         path, m = os.path.join(tier_dir, f'{s}.bin'), meta[s]

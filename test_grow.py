@@ -221,7 +221,7 @@ def fake_prepare(monkeypatch):
     """grow.py takes prepare.load_tokenizer for vocab_init=mean: serve a FakeTokenizer whose
     size is the --tokenizer argument, so the test does not depend on a tokenizer file."""
     module = types.ModuleType("prepare")
-    module.load_tokenizer = lambda path, vocab_size: FakeTokenizer(int(path))
+    module.load_tokenizer = lambda path, vocab_size, sha256=None: FakeTokenizer(int(path))
     module.PrepareError = type("PrepareError", (Exception,), {})
     monkeypatch.setitem(sys.modules, "prepare", module)
 

@@ -260,3 +260,10 @@ def test_inspect_refuses_a_bin_that_does_not_match_meta(tmp_path, split, damage,
 def test_inspect_a_folder_that_is_no_tier(tmp_path):
     with pytest.raises(PrepareError, match='has no meta.json: pass a tier folder'):
         prepare.inspect(str(tmp_path), LLAMA2)
+
+
+def test_a_tokenizer_other_than_the_recorded_one_is_refused():
+    right = load_tokenizer(LLAMA2, 512)
+    assert load_tokenizer(LLAMA2, 512, sha256=right.sha256).sha256 == right.sha256
+    with pytest.raises(PrepareError, match='is not the tokenizer file the data or checkpoint was made with'):
+        load_tokenizer(LLAMA2, 512, sha256='0' * 64)

@@ -246,11 +246,9 @@ else:  # resume or grow
         if vocab_size > model.config.vocab_size and vocab_init == "mean":
             from prepare import PrepareError, load_tokenizer
             try:
-                tok = load_tokenizer(tokenizer, vocab_size)
+                tok = load_tokenizer(tokenizer, vocab_size, sha256=meta["tokenizer_sha256"])
             except PrepareError as e:
                 raise SystemExit(f"tokenizer for vocab_init='mean': {e}")
-            if tok.sha256 != meta["tokenizer_sha256"]:
-                raise SystemExit(f"--tokenizer={tokenizer} is not the tokenizer {data_dir} was prepared with")
         old_params = model.get_num_params()
         try:
             model, optim_state = grow_model(model, model_config, optim_state, tokenizer=tok, layer_place=layer_place,
