@@ -5,8 +5,9 @@ CUDA events. In one run it compares, for the shape of a config:
     grown      the same shape reached by growing through three generations, blocks not condensed
     condensed  the grown model with its blocks merged into one per weight
 each eager and compiled (per block and head). A step is micro_steps forward/backward passes of
-batch_size x block_size tokens and one optimizer step, as a training iteration on one GPU. MFU counts 6 FLOPs per weight per token plus attention
-with the causal discount (only the lower triangle of the scores is computed).
+batch_size x block_size tokens and one optimizer step, as a training iteration on one GPU. MFU
+counts 6 FLOPs per weight per token plus attention with the causal discount (only the lower
+triangle of the scores is computed).
 
     python bench.py config/stage1.py
     torchrun --standalone --nproc_per_node=2 bench.py config/stage1.py --variants=fresh  # DDP scaling

@@ -221,12 +221,11 @@ else:  # resume or grow
     stage_start = ckpt["stage_start"] if init_from == "resume" else iter_num
     if init_from == "resume":
         model_config = model.config
-        shape = {k: (ckpt["model_config"][k], config[k]) for k in ("vocab_size", "n_layer", "n_head", "head_dim",
-                 "ffn_hidden", "block_size") if ckpt["model_config"][k] != config[k]}  # (growth rescales norm_eps)
-        if shape:
-            k, (was, now) = next(iter(shape.items()))
-            raise SystemExit(f"--init_from=resume keeps the checkpoint's shape, but {k}={now} (checkpoint: {was}); "
-                             "drop the override, or grow it with --init_from=grow into a new out_dir")
+        for k in ("vocab_size", "n_layer", "n_head", "head_dim", "ffn_hidden", "block_size"):  # (growth rescales norm_eps)
+            if ckpt["model_config"][k] != config[k]:
+                raise SystemExit(f"--init_from=resume keeps the checkpoint's shape, but {k}={config[k]} "
+                                 f"(checkpoint: {ckpt['model_config'][k]}); drop the override, or grow it with "
+                                 "--init_from=grow into a new out_dir")
         changed = {k: f"{ckpt['config'][k]} -> {config[k]}" for k in ("batch_size", "grad_accum_steps", "seed")
                    if ckpt["config"][k] != config[k]}
         if changed:  # allowed (a smaller GPU may need a smaller batch), but it is no longer the same run
