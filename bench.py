@@ -10,11 +10,13 @@ counts 6 FLOPs per weight per token plus attention with the causal discount (onl
 triangle of the scores is computed).
 
     python bench.py config/stage1.py
+    python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --profile=True  # where the time goes
     torchrun --standalone --nproc_per_node=2 bench.py config/stage1.py --variants=fresh  # DDP scaling
 """
 
 import json
 import os
+import re
 from contextlib import nullcontext
 
 import torch
@@ -35,6 +37,7 @@ compile_modes = "eager,compiled"
 peak_flops = 989e12
 peak_flops_name = "H100/H200 SXM bf16 dense"
 out_json = ""  # also write the results here
+profile = False  # after timing, profile 3 steps and print GPU time by kind of kernel
 # the config files set training keys bench ignores
 (out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters,
  eval_interval, eval_windows, log_interval, compile, grad_accum_steps, parallelism) = (None,) * 15
@@ -69,6 +72,33 @@ def build(variant):
     return model
 
 
+def train_step(runner, optimizer, x):
+    for micro in range(micro_steps):
+        with runner.no_sync() if ddp and micro < micro_steps - 1 else nullcontext():  # sync the last only
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = runner(x, x)
+            loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+KERNEL_KINDS = [("attention", r"sdpa|flash|fmha|attn|cudnn"), ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|matmul"),
+                ("adamw", r"adam"), ("elementwise (inductor)", r"^triton_")]
+
+
+def profile_kernels(step, steps=3):
+    """GPU time per step by kind of kernel (by name: cuBLAS, cuDNN, inductor's Triton, AdamW), in ms."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kinds = dict.fromkeys([k for k, _ in KERNEL_KINDS] + ["other"], 0.0)
+    for event in prof.key_averages():
+        kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, event.key, re.I)), "other")
+        kinds[kind] += event.self_device_time_total / steps / 1e3
+    return kinds
+
+
 def bench(variant, compiled):
     torch.manual_seed(0)
     torch._dynamo.reset()  # no graphs or dynamic-shape decisions carried over from the previous variant
@@ -83,16 +113,15 @@ def bench(variant, compiled):
     for step in range(warmup_steps + timed_steps):
         if step == warmup_steps:
             start.record()
-        for micro in range(micro_steps):
-            with runner.no_sync() if ddp and micro < micro_steps - 1 else nullcontext():  # sync the last only
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    _, loss = runner(x, x)
-                loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(runner, optimizer, x)
     end.record()
     torch.cuda.synchronize()
     dt = start.elapsed_time(end) / 1e3 / timed_steps
+    if profile:  # every rank steps (DDP all-reduces), rank 0 reports
+        kernel_ms = profile_kernels(lambda: train_step(runner, optimizer, x))
+        if rank == 0:
+            print(f"{variant} {'compiled' if compiled else 'eager'}: of {1e3 * dt:.1f} ms/step, GPU kernels "
+                  + ", ".join(f"{k} {v:.1f} ms" for k, v in kernel_ms.items()), flush=True)
     tok_per_s = micro_steps * batch_size * block_size / dt  # per GPU
     return dict(variant=variant, compiled=compiled, gpus=world, blocks=sum(1 for _ in model.parameters()),
                 step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
