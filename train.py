@@ -374,7 +374,7 @@ schedules = {g["gen"]: g for g in generations}
 end_iter = stage_start + max_iters
 resumed_at = iter_num if init_from == "resume" else None  # its eval is in the log already
 last_val_bpb = None
-t0 = time.time()
+t0, timed_iters = time.time(), 0
 while True:
     lrs = {g: get_lr(schedules[g], iter_num) for g in raw_model.generations()}
     for group in optimizer.param_groups:
@@ -390,6 +390,7 @@ while True:
             break
         if iter_num > stage_start and write_checkpoints:
             save(iter_num)
+        t0, timed_iters = time.time(), 0  # tok/s and MFU time training, not evals and saves
     if iter_num >= end_iter:
         break
 
@@ -410,17 +411,17 @@ while True:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
+    timed_iters += 1
     tokens_total += tokens_per_iter
     flops_total += flops_per_iter
 
     if iter_num % log_interval == 0 or iter_num == end_iter:
         if device_type == "cuda":
             torch.cuda.synchronize()
-        dt, t0 = time.time() - t0, time.time()
-        n_iters = log_interval if iter_num % log_interval == 0 else iter_num % log_interval
-        tok_per_s = tokens_per_iter * n_iters / dt
+        dt = time.time() - t0
+        tok_per_s = tokens_per_iter * timed_iters / dt
         peak_mem_gb = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else 0.0
-        mfu = flops_per_iter * n_iters / dt / (peak_flops * world)
+        mfu = flops_per_iter * timed_iters / dt / (peak_flops * world)
         if ddp:
             dist.all_reduce(loss_sum)
         train_loss = loss_sum.item() / grad_accum_steps  # this iteration's mean over micro-steps and ranks
@@ -429,6 +430,7 @@ while True:
         log_event(dict(event="train", iter=iter_num, tokens=tokens_total, flops=flops_total,
                        lr=lrs, train_loss=train_loss, tok_per_s=tok_per_s, mfu=mfu,
                        peak_mem_gb=peak_mem_gb))
+        t0, timed_iters = time.time(), 0
 
 if ddp:
     dist.barrier()  # rank 0 may still be writing the checkpoint: leave together
