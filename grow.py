@@ -66,7 +66,7 @@ class GrowError(ValueError):
 
 def check_growth(old, new, tokenizer=None, layer_place="top", layer_init="zero", vocab_init="mean"):
     """Refuse a bad request before anything is touched (growth works in place)."""
-    for axis in ("vocab_size", "n_layer", "n_head", "ffn_hidden"):
+    for axis in ("vocab_size", "n_layer", "n_head", "ffn_hidden", "block_size"):
         if getattr(new, axis) < getattr(old, axis):
             raise GrowError(f"cannot shrink {axis} from {getattr(old, axis)} to {getattr(new, axis)}; "
                             f"growth only adds (pass {axis} >= {getattr(old, axis)})")
@@ -286,6 +286,8 @@ def main(argv=None):
     tokenizer = None
     if args.vocab_size and args.vocab_size > old.vocab_size and not args.data_dir:
         raise SystemExit("grow.py: a larger vocabulary needs --data_dir, the tier it will train and sample on")
+    if args.data_dir and not os.path.isfile(os.path.join(args.data_dir, "meta.json")):
+        raise SystemExit(f"grow.py: no prepared data in {args.data_dir}: run prepare.py for that tier first")
     if args.tokenizer:
         from prepare import PrepareError, load_tokenizer
         try:
@@ -302,8 +304,9 @@ def main(argv=None):
         raise SystemExit(f"grow.py: {e}")
     gen = max(grown.generations())
     schedules = ckpt.get("generations", [])
-    if schedules:  # the new generation starts now, with the latest generation's schedule shape
-        schedules = schedules + [{**schedules[-1], "gen": gen, "birth": ckpt.get("iter_num", 0)}]
+    added = bool(schedules) and gen > schedules[-1]["gen"]
+    if added:  # born now; train.py gives it the schedule of the config that resumes it
+        schedules = schedules + [{"gen": gen, "birth": ckpt.get("iter_num", 0)}]
     data = dict(ckpt.get("data", {}), vocab_size=grown.config.vocab_size)  # sample.py decodes with this tier
     if args.data_dir:
         data["data_dir"] = args.data_dir
@@ -312,7 +315,7 @@ def main(argv=None):
                      "optimizer": {} if args.reset_optimizer else optim_state, "generations": schedules,
                      "stage_start": ckpt.get("iter_num", 0)}, args.out)  # a resume trains a new stage from here
     print(f"old: {old_description}\nnew: {describe(grown.config, grown)}\n"
-          f"generation {gen} added; wrote {args.out}")
+          f"{f'generation {gen} added' if added else 'no weights added'}; wrote {args.out}")
 
 
 if __name__ == "__main__":

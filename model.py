@@ -159,13 +159,7 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: head_dim={self.head_dim} must be even for RoPE")
         if self.ffn_hidden <= 0 or self.ffn_hidden % 8:
             raise ValueError(f"GPTConfig: ffn_hidden={self.ffn_hidden} is not allowed; "
-                             "use a positive multiple of 8 (see llama_ffn_hidden)")
-
-
-def llama_ffn_hidden(n_embd, multiple_of=256):
-    """Llama's SwiGLU width: 2/3 of 4d (same FLOPs as a 4d GELU MLP), rounded up."""
-    hidden = int(2 * 4 * n_embd / 3)
-    return multiple_of * math.ceil(hidden / multiple_of)
+                             "use a positive multiple of 8 (Llama's: 8d/3 rounded up to a multiple of 256)")
 
 
 def rms_norm(x, weight, eps):

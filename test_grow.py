@@ -217,9 +217,13 @@ def cli_shape(config):
 
 
 @pytest.fixture
-def fake_prepare(monkeypatch):
+def fake_prepare(monkeypatch, tmp_path):
     """grow.py takes prepare.load_tokenizer for vocab_init=mean: serve a FakeTokenizer whose
-    size is the --tokenizer argument, so the test does not depend on a tokenizer file."""
+    size is the --tokenizer argument, so the test does not depend on a tokenizer file; and a
+    prepared tier, as far as grow.py looks, at --data_dir=tier."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tier").mkdir()
+    (tmp_path / "tier" / "meta.json").write_text("{}")
     module = types.ModuleType("prepare")
     module.load_tokenizer = lambda path, vocab_size, sha256=None: FakeTokenizer(int(path))
     module.PrepareError = type("PrepareError", (Exception,), {})
@@ -517,6 +521,8 @@ BAD_CLI = [  # (checkpoint kind, arguments, words of the message)
     ("ours", ["--vocab_size=80", "--tokenizer=70", "--data_dir=tier"], "larger than the tokenizer"),
     ("ours", ["--vocab_size=80", "--data_dir=tier"], "needs --tokenizer"),
     ("ours", ["--vocab_size=80", "--tokenizer=80"], "needs --data_dir"),
+    ("ours", ["--vocab_size=80", "--tokenizer=80", "--data_dir=no_such_tier"], "no prepared data in no_such_tier"),
+    ("ours", ["--block_size=4"], "cannot shrink block_size"),
     pytest.param("ours", ["--ffn_hidden=20"], "ffn_hidden=20 is not allowed"),
     ("foreign", ["--n_layer=3"], "not a checkpoint of this project"),
     ("text", ["--n_layer=3"], "not a readable checkpoint"),

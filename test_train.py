@@ -386,6 +386,8 @@ def bad_inputs(data, tmp):
         ("misspelt lr_mode", ["config/tiny_stage1.py", v512, "--lr_mode=globl"], "lr_mode='globl' is not one of"),
         ("float16 (no GradScaler)", ["config/tiny_stage1.py", v512, "--dtype=float16"], "dtype='float16' is not one of"),
         ("unknown parallelism", ["config/tiny_stage1.py", v512, "--parallelism=zero3"], "parallelism='zero3' is not"),
+        ("zero eval_interval", ["config/tiny_stage1.py", v512, "--eval_interval=0"], "eval_interval=0 must be positive"),
+        ("zero eval_windows", ["config/tiny_stage1.py", v512, "--eval_windows=0"], "eval_windows=0 must be positive"),
     ]
 
 
@@ -394,6 +396,21 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(data, tmp_path):
         out_dir = tmp_path / f"out{i}"
         r = run(*args, f"--out_dir={out_dir}")
         assert_one_line_error(r, message)
+        assert not out_dir.exists(), name
+
+
+def test_growths_that_cannot_be_trained_are_refused(ladder, data, tmp_path):
+    stage1 = [a for a in stage_args(data, 1) if not a.startswith("--max_iters")]
+    for name, args, message in [
+        ("a growth that adds no weights (it would restart generation 0's schedule)",
+         [*stage1, "--init_from=grow", f"--grow_from={ladder[1] / 'ckpt.pt'}"], "adds no weights"),
+        ("a shorter block_size", [*stage_args(data, 2, ladder[1]), "--block_size=32"], "cannot shrink block_size"),
+        ("condensing the newborn generation (its Adam steps would be its elders')",
+         [*stage_args(data, 2, ladder[1]), "--condense_upto=1"], "condense_upto=1 must be below"),
+        ("condensing a generation that does not exist", [*stage_args(data, 2, ladder[1]), "--condense_upto=5"],
+         "condense_upto=5 must be below")]:
+        out_dir = tmp_path / name[:12].replace(" ", "_")
+        assert_one_line_error(run(*args, f"--out_dir={out_dir}"), message)
         assert not out_dir.exists(), name
 
 
@@ -500,3 +517,7 @@ def test_a_checkpoint_grown_by_grow_py_resumes_as_a_new_stage(ladder, data, tmp_
     args = [a for a in stage_args(data, 2, ladder[1]) if not a.startswith("--grow_from")]
     log = train(out, *args, "--init_from=resume")
     assert [e["iter"] for e in log if e["event"] == "train"][-1] == 2 * STAGE_ITERS  # a whole stage after stage 1's
+    # the new generation follows this config's schedule (stage 2's), not a copy of its parent's
+    assert load_checkpoint(out / "ckpt.pt")["generations"] == expected_table()[:2]
+    for e in log:
+        assert e["lr"]["1"] == pytest.approx(reference_lr(expected_table()[1], step_of(e)), rel=1e-12), e

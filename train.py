@@ -108,6 +108,13 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
+for key in ("batch_size", "grad_accum_steps", "eval_interval", "eval_windows", "log_interval"):
+    if config[key] <= 0:
+        raise SystemExit(f"{key}={config[key]} must be positive")
+if not out_dir:
+    raise SystemExit("out_dir is empty: pass --out_dir=DIR")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    raise SystemExit(f"device={device!r} but this torch has no usable CUDA; pass --device=cpu (and --dtype=float32)")
 if grad_accum_steps % world:
     raise SystemExit(f"grad_accum_steps={grad_accum_steps} must be a multiple of the {world} ranks")
 if eval_windows % world:  # every rank evaluates its share: the same windows on any number of GPUs
@@ -215,7 +222,8 @@ else:  # resume or grow
                          f"({ckpt['data']['tokenizer_sha256'][:12]}) but {data_dir} uses "
                          f"{meta['tokenizer']} ({meta['tokenizer_sha256'][:12]}); prepare data with the same tokenizer")
     model = model_from_checkpoint(ckpt)
-    optim_state, generations = ckpt["optimizer"], ckpt["generations"]
+    # a generation grown by grow.py has no schedule yet: it takes this config's
+    optim_state, generations = ckpt["optimizer"], [{**schedule, **g} for g in ckpt["generations"]]
     iter_num, tokens_total, flops_total = ckpt["iter_num"], ckpt["tokens"], ckpt["flops"]
     best_val_bpb = ckpt["best_val_bpb"]
     stage_start = ckpt["stage_start"] if init_from == "resume" else iter_num
@@ -230,7 +238,10 @@ else:  # resume or grow
                    if ckpt["config"][k] != config[k]}
         if changed:  # allowed (a smaller GPU may need a smaller batch), but it is no longer the same run
             log(f"warning: resuming with {changed}: the batches from here differ from the original run's")
-        rng_state = ckpt["rng"]["torch"]
+        if any(generations[-1][k] != v for k, v in schedule.items()):
+            log(f"warning: a resume keeps the checkpoint's schedules ({generations[-1]}); "
+                "the learning-rate settings given now are ignored")
+        rng_state = ckpt["rng"]
         log_path = os.path.join(out_dir, "log.jsonl")
         if master and os.path.exists(log_path):  # a killed run logged steps past its checkpoint: they run again
             with open(log_path) as f:
@@ -248,25 +259,34 @@ else:  # resume or grow
                 tok = load_tokenizer(tokenizer, vocab_size, sha256=meta["tokenizer_sha256"])
             except PrepareError as e:
                 raise SystemExit(f"tokenizer for vocab_init='mean': {e}")
-        old_params = model.get_num_params()
+        old_params, old_newest = model.get_num_params(), max(model.generations())
         try:
             model, optim_state = grow_model(model, model_config, optim_state, tokenizer=tok, layer_place=layer_place,
                                             layer_init=layer_init, vocab_init=vocab_init)
         except GrowError as e:
             raise SystemExit(f"cannot grow {grow_from} to this config: {e}")
-        generations = generations + [dict(gen=max(model.generations()), birth=iter_num, **schedule)]
+        newest = max(model.generations())
+        if newest == old_newest:  # no generation to give this config's schedule to
+            raise SystemExit(f"this config adds no weights to {grow_from}: change the shape, or train that "
+                             "checkpoint on with --init_from=resume in its out_dir")
+        generations = generations + [dict(gen=newest, birth=iter_num, **schedule)]
         if reset_optimizer:
             optim_state = {}
         if condense_upto >= 0:
+            if condense_upto >= newest:  # the newborn has no Adam steps: merged, it would inherit old step counts
+                raise SystemExit(f"condense_upto={condense_upto} must be below the new generation {newest} "
+                                 f"(0..{newest - 1}, or -1 for off)")
             model, optim_state = condense(model, condense_upto, optim_state)
         model_config = model.config
         log(f"grew {grow_from}: {old_params:,} -> {model.get_num_params():,} parameters, "
-            f"generation {generations[-1]['gen']} born at iteration {iter_num}")
+            f"generation {newest} born at iteration {iter_num}")
     del ckpt
 
 torch.manual_seed(seed + rank)  # dropout differs between ranks
-if init_from == "resume" and master:
-    torch.set_rng_state(rng_state)  # the checkpoint holds rank 0's: with dropout, ranks > 0 continue on a new stream
+if init_from == "resume" and master:  # the checkpoint holds rank 0's: with dropout, ranks > 0 continue on a new stream
+    torch.set_rng_state(rng_state["torch"])
+    if "cuda" in rng_state and device_type == "cuda":  # dropout on the GPU draws from the device's generator
+        torch.cuda.set_rng_state(rng_state["cuda"])
 model.to(device)
 raw_model = model  # saved and grown; the compiled / DDP wrappers only run it
 if compile:
@@ -341,7 +361,8 @@ def save(iter_num):
         "optimizer": optim_state,
         "generations": generations, "iter_num": iter_num, "stage_start": stage_start,
         "tokens": tokens_total, "flops": flops_total,
-        "best_val_bpb": best_val_bpb, "last_val_bpb": last_val_bpb, "config": config, "rng": {"torch": torch.get_rng_state()},
+        "best_val_bpb": best_val_bpb, "last_val_bpb": last_val_bpb, "config": config,
+        "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
         "data": {"tokenizer": meta["tokenizer"], "tokenizer_sha256": meta["tokenizer_sha256"],
                  "vocab_size": meta["vocab_size"], "data_dir": data_dir},
     }, ckpt_path)
