@@ -87,6 +87,8 @@ def bpb_at(c, flops):
 
 
 def report(png):
+    if not any(len(curve([n])) for n in RUNS):  # nothing to plot: matplotlib fails on empty axes
+        raise SystemExit(f"no runs with evals in {OUT}; run `python experiment.py run ladder scratch` first")
     ladder, scratch = curve(LANES["ladder"]), curve(["scratch"])
     res = {"runs": {n: read_log(n) for n in RUNS if read_log(n)}}
     if len(ladder) and len(scratch):

@@ -64,7 +64,8 @@ def download(url, path, sha256=None):
             for block in r.iter_content(1 << 20):
                 bar.update(f.write(block))
     except requests.RequestException as e:
-        raise PrepareError(f'cannot download {url} ({type(e).__name__}); offline? pass --input and --tokenizer')
+        raise PrepareError(f'cannot download {url} ({type(e).__name__}); offline? pass a local file (prepare.py: '
+                           '--input/--tokenizer; train.py, sample.py, export.py: --tokenizer=PATH/tokenizer.model)')
     if sha256 and file_sha256(part) != sha256:
         os.remove(part)
         raise PrepareError(f'{url}: sha256 mismatch, the download was removed; run again')
@@ -78,9 +79,6 @@ class Tokenizer:
     """The parts both families share: ids -> bytes through one table, so decoding is exact."""
     def token_bytes(self, i):
         return self.table[i]  # a byte token gives its byte, which may be part of a UTF-8 character
-
-    def token_text(self, i):
-        return self.token_bytes(i).decode('utf-8', errors='replace')
 
     def decode(self, ids):
         return self.decode_bytes(b''.join(self.table[i] for i in ids)).decode('utf-8', errors='replace')
@@ -308,6 +306,10 @@ def batches(docs, val_fraction, val_ids, found_ids, chars=1 << 20):
 def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, doc_sep=BLANK_LINE,
             whole_file=False, workers=None, gpt2_ranks=None):
     """Write out_dir/<name>_v<N>/{train,val}.bin and meta.json for every tier; skip tiers already complete."""
+    try:
+        re.compile(doc_sep)
+    except re.error as e:
+        raise PrepareError(f'--doc_sep {doc_sep!r} is not a valid regex ({e}); escape its special characters') from None
     toks = {n: load_tokenizer(tokenizer, n, gpt2_ranks) for n in sorted(set(tiers))}
     split = dict(val_ids=sorted(val_ids) if val_ids else None, val_fraction=None if val_ids else val_fraction,
                  doc_sep=None if whole_file else doc_sep)
@@ -319,61 +321,67 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
     if not todo:
         return
     files = {}
-    for n in todo:
-        os.makedirs(dirs[n], exist_ok=True)
-        if os.path.exists(os.path.join(dirs[n], 'meta.json')):
-            os.remove(os.path.join(dirs[n], 'meta.json'))  # the old bins stop counting as complete now
-        for s in ('train', 'val'):  # write under a temporary name, renamed when complete
-            files[n, s] = open(os.path.join(dirs[n], f'{s}.bin.tmp'), 'wb')
-    counts = {s: dict(documents=0, bytes=0) for s in ('train', 'val')}
-    tokens = {(n, s): 0 for n in todo for s in ('train', 'val')}
-    seconds = {n: 0.0 for n in todo}
-    found_ids, t0 = set(), time.time()
-    workers = workers or os.cpu_count()
+    try:  # until the new bins are complete, a finished tier stays as it was
+        for n in todo:
+            os.makedirs(dirs[n], exist_ok=True)
+            for s in ('train', 'val'):  # write under a temporary name, renamed when complete
+                files[n, s] = open(os.path.join(dirs[n], f'{s}.bin.tmp'), 'wb')
+        counts = {s: dict(documents=0, bytes=0) for s in ('train', 'val')}
+        tokens = {(n, s): 0 for n in todo for s in ('train', 'val')}
+        seconds = {n: 0.0 for n in todo}
+        found_ids, t0 = set(), time.time()
+        workers = workers or os.cpu_count()
 
-    def write(future):
-        out, secs = future.result()  # re-raises a worker's exception; a dead worker raises BrokenProcessPool
-        for s, (n_docs, n_bytes, ids) in out.items():
-            counts[s]['documents'] += n_docs
-            counts[s]['bytes'] += n_bytes
-            for n, arr in ids.items():
-                arr.tofile(files[n, s])
-                tokens[n, s] += len(arr)
-        for n in secs:
-            seconds[n] += secs[n]
+        def write(future):
+            out, secs = future.result()  # re-raises a worker's exception; a dead worker raises BrokenProcessPool
+            for s, (n_docs, n_bytes, ids) in out.items():
+                counts[s]['documents'] += n_docs
+                counts[s]['bytes'] += n_bytes
+                for n, arr in ids.items():
+                    arr.tofile(files[n, s])
+                    tokens[n, s] += len(arr)
+            for n in secs:
+                seconds[n] += secs[n]
 
-    # the workers load the tokenizer as this process did (a download is cached by now)
-    with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(tokenizer, todo, gpt2_ranks)) as pool:
-        pending = deque()  # a few batches in flight keep every worker busy and memory bounded
-        docs = read_documents(input, doc_sep, whole_file)
-        for batch in batches(docs, val_fraction, set(val_ids or ()), found_ids):
-            pending.append(pool.submit(encode_batch, batch))
-            if len(pending) > 2 * workers:
+        # the workers load the tokenizer as this process did (a download is cached by now)
+        with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(tokenizer, todo, gpt2_ranks)) as pool:
+            pending = deque()  # a few batches in flight keep every worker busy and memory bounded
+            docs = read_documents(input, doc_sep, whole_file)
+            for batch in batches(docs, val_fraction, set(val_ids or ()), found_ids):
+                pending.append(pool.submit(encode_batch, batch))
+                if len(pending) > 2 * workers:
+                    write(pending.popleft())
+            while pending:
                 write(pending.popleft())
-        while pending:
-            write(pending.popleft())
-    for f in files.values():
-        f.close()
-    if counts['train']['documents'] + counts['val']['documents'] == 0:
-        raise PrepareError(f'{input} has no documents; pass a non-empty input')
-    if set(val_ids or ()) - found_ids:
-        raise PrepareError(f'--val_ids {sorted(set(val_ids) - found_ids)} are not in {input}; fix the list')
-    for s in ('train', 'val'):
-        if counts[s]['documents'] == 0:
-            raise PrepareError(f'the {s} split has no documents; give more documents or change --val_fraction')
-    elapsed = time.time() - t0
-    for n in todo:
+        for f in files.values():
+            f.close()
+        if counts['train']['documents'] + counts['val']['documents'] == 0:
+            raise PrepareError(f'{input} has no documents; pass a non-empty input')
+        if set(val_ids or ()) - found_ids:
+            raise PrepareError(f'--val_ids {sorted(set(val_ids) - found_ids)} are not in {input}; fix the list')
         for s in ('train', 'val'):
-            os.replace(os.path.join(dirs[n], f'{s}.bin.tmp'), os.path.join(dirs[n], f'{s}.bin'))
-        # tokens counts the BOS ids too: bits per byte takes the loss over all predicted positions
-        meta = dict(tokenizer=toks[n].name, tokenizer_sha256=toks[n].sha256, vocab_size=n, bos_id=toks[n].bos_id,
-                    **{s: dict(tokens=tokens[n, s], **counts[s]) for s in ('train', 'val')}, source=source, split=split)
-        with open(os.path.join(dirs[n], 'meta.json.tmp'), 'w') as f:
-            json.dump(meta, f, indent=1)
-        os.replace(os.path.join(dirs[n], 'meta.json.tmp'), os.path.join(dirs[n], 'meta.json'))
-        total = tokens[n, 'train'] + tokens[n, 'val']
-        print(f'{dirs[n]}: {total:,} tokens, {(counts["train"]["bytes"] + counts["val"]["bytes"]) / total:.3f} '
-              f'bytes/token, {total / seconds[n]:,.0f} tokens/s per worker')
+            if counts[s]['documents'] == 0:
+                raise PrepareError(f'the {s} split has no documents; give more documents or change --val_fraction')
+        elapsed = time.time() - t0
+        for n in todo:
+            if os.path.exists(os.path.join(dirs[n], 'meta.json')):
+                os.remove(os.path.join(dirs[n], 'meta.json'))  # the old bins stop counting as complete as they change
+            for s in ('train', 'val'):
+                os.replace(os.path.join(dirs[n], f'{s}.bin.tmp'), os.path.join(dirs[n], f'{s}.bin'))
+            # tokens counts the BOS ids too: bits per byte takes the loss over all predicted positions
+            meta = dict(tokenizer=toks[n].name, tokenizer_sha256=toks[n].sha256, vocab_size=n, bos_id=toks[n].bos_id,
+                        **{s: dict(tokens=tokens[n, s], **counts[s]) for s in ('train', 'val')}, source=source, split=split)
+            with open(os.path.join(dirs[n], 'meta.json.tmp'), 'w') as f:
+                json.dump(meta, f, indent=1)
+            os.replace(os.path.join(dirs[n], 'meta.json.tmp'), os.path.join(dirs[n], 'meta.json'))
+            total = tokens[n, 'train'] + tokens[n, 'val']
+            print(f'{dirs[n]}: {total:,} tokens, {(counts["train"]["bytes"] + counts["val"]["bytes"]) / total:.3f} '
+                  f'bytes/token, {total / seconds[n]:,.0f} tokens/s per worker')
+    finally:  # a failed run leaves no temporary files; a completed one has renamed them
+        for f in files.values():
+            f.close()
+            if os.path.exists(f.name):
+                os.remove(f.name)
     print(f'{len(todo)} tiers in {elapsed:.1f}s wall with {workers} workers')
 
 def is_complete(tier_dir, tok, source, split):

@@ -193,8 +193,14 @@ def test_input_errors(tmp_path):
 def test_offline_download_fails_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'CACHE', str(tmp_path))
     monkeypatch.setattr(prepare, 'LLAMA2_URL', 'http://127.0.0.1:9/tokenizer.model')  # nothing listens there
-    with pytest.raises(PrepareError, match='pass --input and --tokenizer'):
+    with pytest.raises(PrepareError, match='offline.*prepare.py: --input/--tokenizer; train.py.*--tokenizer=PATH'):
         load_tokenizer('llama2', 4096)
+
+def test_bad_doc_sep_is_one_line(tmp_path):
+    (tmp_path / 'in.txt').write_text('one\n\ntwo')
+    with pytest.raises(PrepareError, match=r"--doc_sep '\(' is not a valid regex") as e:
+        prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [512], str(tmp_path / 'out'), doc_sep='(', workers=1)
+    assert '\n' not in str(e.value)
 
 # -----------------------------------------------------------------------------
 # interrupted writes and re-runs
@@ -223,7 +229,7 @@ def test_failed_worker_fails_run_and_rerun_completes(tmp_path, monkeypatch, caps
     with pytest.raises(RuntimeError, match='worker died'):
         prepare.prepare(*args, val_fraction=0.5, workers=2)  # a new split: both tiers are rebuilt, and fail
     tier = tmp_path / 'out' / 'llama2_v4096'
-    assert not (tier / 'meta.json').exists(), 'the old bins must not pass for the new split'
+    assert json.loads((tier / 'meta.json').read_text())['split']['val_fraction'] == 0.05, 'the old tier is kept'
     monkeypatch.undo()
     prepare.prepare(*args, val_fraction=0.5, workers=2)
     assert json.loads((tier / 'meta.json').read_text())['val']['documents'] == 20
@@ -231,6 +237,16 @@ def test_failed_worker_fails_run_and_rerun_completes(tmp_path, monkeypatch, caps
     mtime = os.path.getmtime(tier / 'train.bin')
     prepare.prepare(*args, val_fraction=0.5, workers=2)
     assert 'complete, skipping' in capsys.readouterr().out and os.path.getmtime(tier / 'train.bin') == mtime
+
+def test_failed_rerun_keeps_the_finished_tier(tmp_path):
+    (tmp_path / 'in.txt').write_text('\n\n'.join(f'document {k}' for k in range(10)))
+    args = (str(tmp_path / 'in.txt'), LLAMA2, [512], str(tmp_path / 'out'))
+    prepare.prepare(*args, workers=1)
+    tier = tmp_path / 'out' / 'llama2_v512'
+    before = {f: (tier / f).read_bytes() for f in ('meta.json', 'train.bin', 'val.bin')}
+    with pytest.raises(PrepareError, match='the val split has no documents'):
+        prepare.prepare(*args, val_fraction=0, workers=1)  # fails after writing the new bins' temporary files
+    assert {f: (tier / f).read_bytes() for f in os.listdir(tier)} == before
 
 def test_inspect(tmp_path, capsys):
     (tmp_path / 'in.txt').write_text('To be, or not to be.\n\nThat is the question.')
