@@ -282,7 +282,8 @@ def main(argv=None):
 
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt)
-    old, old_description = model.config, describe(model.config, model)  # before growing in place
+    # before growing in place
+    old, old_description, old_newest = model.config, describe(model.config, model), max(model.generations())
     tokenizer = None
     if args.vocab_size and args.vocab_size > old.vocab_size and not args.data_dir:
         raise SystemExit("grow.py: a larger vocabulary needs --data_dir, the tier it will train and sample on")
@@ -303,9 +304,8 @@ def main(argv=None):
     except ValueError as e:  # GrowError, or GPTConfig refusing a shape
         raise SystemExit(f"grow.py: {e}")
     gen = max(grown.generations())
-    schedules = ckpt.get("generations", [])
-    added = bool(schedules) and gen > schedules[-1]["gen"]
-    if added:  # born now; train.py gives it the schedule of the config that resumes it
+    added, schedules = gen > old_newest, ckpt.get("generations", [])
+    if added and schedules:  # born now; train.py gives it the schedule of the config that resumes it
         schedules = schedules + [{"gen": gen, "birth": ckpt.get("iter_num", 0)}]
     data = dict(ckpt.get("data", {}), vocab_size=grown.config.vocab_size)  # sample.py decodes with this tier
     if args.data_dir:

@@ -96,6 +96,13 @@ for key, allowed in (("init_from", ("scratch", "resume", "grow")), ("lr_mode", (
                      ("dtype", ("bfloat16", "float32"))):  # float16 would need a GradScaler: use bfloat16
     if config[key] not in allowed:
         raise SystemExit(f"{key}={config[key]!r} is not one of {', '.join(allowed)}")
+for key in ("batch_size", "grad_accum_steps", "eval_interval", "eval_windows", "log_interval"):
+    if config[key] <= 0:
+        raise SystemExit(f"{key}={config[key]} must be positive")
+if not out_dir:
+    raise SystemExit("out_dir is empty: pass --out_dir=DIR")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    raise SystemExit(f"device={device!r} but this torch has no usable CUDA; pass --device=cpu (and --dtype=float32)")
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -108,13 +115,6 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
-for key in ("batch_size", "grad_accum_steps", "eval_interval", "eval_windows", "log_interval"):
-    if config[key] <= 0:
-        raise SystemExit(f"{key}={config[key]} must be positive")
-if not out_dir:
-    raise SystemExit("out_dir is empty: pass --out_dir=DIR")
-if device.startswith("cuda") and not torch.cuda.is_available():
-    raise SystemExit(f"device={device!r} but this torch has no usable CUDA; pass --device=cpu (and --dtype=float32)")
 if grad_accum_steps % world:
     raise SystemExit(f"grad_accum_steps={grad_accum_steps} must be a multiple of the {world} ranks")
 if eval_windows % world:  # every rank evaluates its share: the same windows on any number of GPUs
