@@ -66,7 +66,7 @@ def build(variant):
         c = GPTConfig(vocab_size=int(vocab_size * f), n_layer=max(1, round(n_layer * f)),
                       n_head=max(1, round(n_head * f)), head_dim=head_dim,
                       ffn_hidden=8 * round(ffn_hidden * f / 8), block_size=block_size)
-        model = GPT(c) if model is None else grow_model(model, c, vocab_init="random")[0]
+        model = GPT(c) if model is None else grow_model(model, c, vocab_init="random", head_init="zero")[0]
     if variant == "condensed":
         model, _ = condense(model, max(model.generations()))
     return model

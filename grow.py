@@ -14,7 +14,8 @@ function is kept and every new weight gets a gradient at the first step.
                   RMSNorm gains                             old * sqrt(d_old/d_new), new entries
                                                             sqrt(d_old/d_new), eps * d_old/d_new
     vocabulary    embedding rows                            mean of the token's old-tier pieces
-                  lm_head rows                              zero (old logits unchanged)
+                  lm_head rows                              mean of the pieces' rows (or zero); old
+                                                            logits unchanged either way
     head_dim x2   rows of wq wk wv, columns of wo, inter-   wq rows drawn, wk rows zero (new q.k terms
                   leaved in each head: old RoPE pair j      are 0); wv rows drawn, wo columns zero;
                   becomes pair 2j, the new pairs odd        old wq * sqrt(2) (softmax 1/sqrt(h) -> 1/sqrt(2h))
@@ -35,6 +36,7 @@ v by 1/2, leaving Adam's step m/sqrt(v) as it was; the kept moments only weigh t
 gradients a little less, for about 1/(1 - beta2) steps.
 
 As a library:  model, optim_state = grow_model(model, new_config, optim_state, tokenizer=tok)
+               model, optim_state, generations = grow_checkpoint(ckpt, new_config, tokenizer="llama2")
 As a CLI:      python grow.py --ckpt out/stage1/ckpt.pt --out out/grown/ckpt.pt --n_layer=12 --n_head=6
 """
 
@@ -47,7 +49,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from model import Block, Growable, assemble, block_generation, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import Block, GPTConfig, Growable, assemble, block_generation, load_checkpoint, model_from_checkpoint, \
+    save_checkpoint
 
 INIT_STD = 0.02  # drawn parts use the fresh model's init
 zero = nn.init.zeros_
@@ -64,7 +67,11 @@ class GrowError(ValueError):
     pass
 
 
-def check_growth(old, new, tokenizer=None, layer_place="top", layer_init="zero", vocab_init="mean"):
+OPTIONS = {"layer_place": ("top", "interleave"), "layer_init": ("zero", "copy", "stack"),
+           "vocab_init": ("mean", "random"), "head_init": ("mean", "zero")}  # the first is the default
+
+
+def check_growth(old, new, tokenizer=None, layer_place="top", layer_init="zero", vocab_init="mean", head_init="mean"):
     """Refuse a bad request before anything is touched (growth works in place)."""
     for axis in ("vocab_size", "n_layer", "n_head", "ffn_hidden", "block_size"):
         if getattr(new, axis) < getattr(old, axis):
@@ -78,14 +85,19 @@ def check_growth(old, new, tokenizer=None, layer_place="top", layer_init="zero",
     if tokenizer is not None and new.vocab_size > tokenizer.vocab_size:
         raise GrowError(f"vocab_size {new.vocab_size} is larger than the tokenizer's "
                         f"{tokenizer.vocab_size}; pass vocab_size <= {tokenizer.vocab_size}")
-    for name, value, allowed in (("layer_place", layer_place, ("top", "interleave")),
-                                 ("layer_init", layer_init, ("zero", "copy")),
-                                 ("vocab_init", vocab_init, ("mean", "random"))):
-        if value not in allowed:
-            raise GrowError(f"{name} must be one of {allowed}, not {value!r}")
-    if new.vocab_size > old.vocab_size and vocab_init == "mean" and tokenizer is None:
-        raise GrowError("vocab_init='mean' needs --tokenizer (the tokenizer.model) to find each new token's "
-                        "old pieces; or use vocab_init='random'")
+    chosen = dict(layer_place=layer_place, layer_init=layer_init, vocab_init=vocab_init, head_init=head_init)
+    for name, allowed in OPTIONS.items():
+        if chosen[name] not in allowed:
+            raise GrowError(f"{name} must be one of {allowed}, not {chosen[name]!r}")
+    if layer_init == "stack" and layer_place != "top":
+        raise GrowError("layer_init='stack' puts the copied stack on top: pass layer_place='top'")
+    if new.vocab_size > old.vocab_size and needs_tokenizer(vocab_init, head_init) and tokenizer is None:
+        raise GrowError("new rows at the mean of their old pieces (vocab_init or head_init 'mean') needs --tokenizer "
+                        "(the tokenizer.model) to find the pieces; or use vocab_init='random' and head_init='zero'")
+
+
+def needs_tokenizer(vocab_init, head_init):
+    return vocab_init == "mean" or head_init == "mean"
 
 
 def grow_norm(norm, d_new, gen):
@@ -94,7 +106,7 @@ def grow_norm(norm, d_new, gen):
     with torch.no_grad():
         for block in norm.parameters():
             block.mul_(scale)
-    norm.grow((d_new,), gen, init_rows=partial(nn.init.constant_, val=scale), init_cols=None)
+    norm.grow((d_new,), gen, rows=partial(nn.init.constant_, val=scale), cols=None)
 
 
 def head_dim_places(n_head, h, device=None):
@@ -129,7 +141,7 @@ def grow_layer(block, c, gen):
         for p in block.attn.wq.parameters():  # q.k / sqrt(2h) with q * sqrt(2) is the old q.k / sqrt(h)
             p.mul_(math.sqrt(2))
     for name, (init_rows, init_cols) in rules.items():
-        block.get_submodule(name).grow(shapes[name], gen, init_rows, init_cols)
+        block.get_submodule(name).grow(shapes[name], gen, rows=init_rows, cols=init_cols)
     if doubling:  # interleave: the new dims of each old head sit between its old ones
         where = head_dim_places(n_old, h_old, device=next(block.parameters()).device)
         for w in (block.attn.wq, block.attn.wk, block.attn.wv):
@@ -141,7 +153,7 @@ def grow_layer(block, c, gen):
 
 
 def new_layer(c, gen, init, source):
-    """A layer of generation `gen`: the identity (`zero`) or a copy of `source` (`copy`)."""
+    """A layer of generation `gen`: the identity (`zero`), or a copy of `source` (`copy`, `stack`)."""
     ref = next(source.parameters())
     block = Block(c, gen).to(device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
@@ -149,7 +161,7 @@ def new_layer(c, gen, init, source):
             if not isinstance(g, Growable):
                 continue
             (p,) = g.parameters()
-            if init == "copy":
+            if init in ("copy", "stack"):
                 p.copy_(source.get_submodule(name).weight)
             elif p.dim() == 1:
                 nn.init.ones_(p)
@@ -167,30 +179,43 @@ def insertion_points(n_old, n_new, place):
     return [max((j + 1) * n_old // n_add - 1, 0) for j in range(n_add)]
 
 
-def vocab_rows_init(emb, tokenizer, vocab_init):
-    """Init of new embedding rows: the mean of the old-tier pieces of each new token."""
-    if vocab_init == "random":
-        return draw
-    v_old, old = emb.shape[0], emb.weight.detach()
+def add_layers(layers, n_new, c, gen, place, init):
+    """The grown stack. `zero` and `copy` insert each new layer after its place (`copy` duplicates
+    the layer below it); `stack` (G_stack's operator, not function-preserving) puts copies of the
+    old stack on top, in order: layers 0, 1, ... (cycling if more are added than there are)."""
+    layers, n_old = list(layers), len(layers)
+    if init == "stack":
+        return layers + [new_layer(c, gen, init, source=layers[j % n_old]) for j in range(n_new - n_old)]
+    for after in reversed(insertion_points(n_old, n_new, place)):
+        layers.insert(after + 1, new_layer(c, gen, init, source=layers[after]))
+    return layers
 
-    def init(rows):  # rows: (v_new - v_old, d_new); the new dims of old rows are zero, so of the mean too
-        rows.zero_()
+
+def vocab_rows_init(weight, tokenizer, how):
+    """Init of a vocabulary weight's new rows: `mean` of the rows of each new token's old-tier pieces,
+    `zero` or `random` (drawn). The rows are read when the strip is filled, after the new columns are in."""
+    if how != "mean":
+        return zero if how == "zero" else draw
+    v_old = weight.shape[0]
+
+    def init(rows):  # rows: (v_new - v_old, d_new)
+        old = weight.weight.detach()  # (v_old, d_new)
         for i in range(rows.shape[0]):
             pieces = tokenizer.old_tier_pieces(v_old + i, v_old)
             # a token the old tier cannot spell (a special token with no text) starts as the average old
             # token: finite, at the scale of the other rows (the mean of no pieces would be NaN)
-            rows[i, :old.shape[1]] = old[pieces].mean(0) if pieces else old.mean(0)
+            rows[i] = old[pieces].mean(0) if pieces else old.mean(0)
     return init
 
 
 @torch.no_grad()
 def grow_model(model, new_config, optim_state=None, *, tokenizer=None,
-               layer_place="top", layer_init="zero", vocab_init="mean"):
+               layer_place="top", layer_init="zero", vocab_init="mean", head_init="mean"):
     """Grow model in place (no second copy at 7B) and return (model, optim_state keyed by the
     grown model's parameter names). optim_state maps parameter name -> AdamW state; the old
     tensors are kept as they are, and new blocks get no entry (they start at step 0)."""
     old = model.config
-    check_growth(old, new_config, tokenizer, layer_place, layer_init, vocab_init)
+    check_growth(old, new_config, tokenizer, layer_place, layer_init, vocab_init, head_init)
     old_names = {id(p): n for n, p in model.named_parameters()}
     gen = max(model.generations()) + 1
     # with eps scaled like the squares' mean, the zero new dims leave every RMSNorm exact
@@ -201,21 +226,48 @@ def grow_model(model, new_config, optim_state=None, *, tokenizer=None,
         grow_layer(block, c, gen)
         block.eps = c.norm_eps
     grow_norm(model.norm, d, gen)
-    new_rows = vocab_rows_init(model.tok_emb, tokenizer, vocab_init) if c.vocab_size > old.vocab_size else None
-    model.tok_emb.grow((c.vocab_size, d), gen, new_rows, zero)
-    model.lm_head.grow((c.vocab_size, d), gen, zero, draw)
-
+    model.tok_emb.grow((c.vocab_size, d), gen, rows=vocab_rows_init(model.tok_emb, tokenizer, vocab_init), cols=zero)
+    model.lm_head.grow((c.vocab_size, d), gen, rows=vocab_rows_init(model.lm_head, tokenizer, head_init), cols=draw)
     if c.n_layer > old.n_layer:
-        layers = list(model.layers)
-        for after in reversed(insertion_points(old.n_layer, c.n_layer, layer_place)):
-            layers.insert(after + 1, new_layer(c, gen, layer_init, source=layers[after]))
-        model.layers = nn.ModuleList(layers)
+        model.layers = nn.ModuleList(add_layers(model.layers, c.n_layer, c, gen, layer_place, layer_init))
 
     model.config = c
     model.init_rope()  # block_size may have changed
     optim_state = optim_state or {}  # re-keyed by name: inserted layers shift the old names
     return model, {name: optim_state[old_names[id(p)]] for name, p in model.named_parameters()
                    if old_names.get(id(p)) in optim_state}
+
+
+def grow_checkpoint(ckpt, new_config, *, tokenizer=None, schedule=None, reset_optimizer=False, condense_upto=-1,
+                    **options):
+    """Grow a checkpoint's model and AdamW state: (model, optim_state, generations). The new generation's
+    record is `schedule` with its gen and birth (the checkpoint's iteration); without one, train.py gives
+    it the schedule of the config that resumes it. tokenizer: a path or name for load_tokenizer, loaded
+    only when new vocabulary rows need their pieces. Raises GrowError for a growth that adds no weights."""
+    model = model_from_checkpoint(ckpt)
+    old_newest = max(model.generations())
+    tok = None
+    if new_config.vocab_size > model.config.vocab_size and tokenizer is not None and \
+            needs_tokenizer(options.get("vocab_init", "mean"), options.get("head_init", "mean")):
+        from prepare import PrepareError, load_tokenizer
+        try:
+            tok = load_tokenizer(tokenizer, new_config.vocab_size, sha256=ckpt.get("data", {}).get("tokenizer_sha256"))
+        except PrepareError as e:
+            raise GrowError(f"tokenizer: {e}") from None
+    model, optim_state = grow_model(model, new_config, ckpt.get("optimizer"), tokenizer=tok, **options)
+    newest = max(model.generations())
+    if newest == old_newest:
+        raise GrowError("this growth adds no weights (a longer block_size alone adds none): change the shape, "
+                        "or train the checkpoint on with --init_from=resume")
+    if reset_optimizer:
+        optim_state = {}
+    if condense_upto >= 0:
+        if condense_upto >= newest:  # the newborn has no Adam steps: merged, it would inherit old step counts
+            raise GrowError(f"condense_upto={condense_upto} must be below the new generation {newest} "
+                            f"(0..{newest - 1}, or -1 for off)")
+        model, optim_state = condense(model, condense_upto, optim_state)
+    generations = ckpt.get("generations", []) + [{**(schedule or {}), "gen": newest, "birth": ckpt.get("iter_num", 0)}]
+    return model, optim_state, generations
 
 
 @torch.no_grad()
@@ -259,9 +311,9 @@ def condense(model, upto, optim_state=None):
 # -----------------------------------------------------------------------------
 # CLI: grow a checkpoint into a new checkpoint
 
-def describe(c, model):
+def describe(c, n_params):
     return (f"n_layer={c.n_layer} n_head={c.n_head} head_dim={c.head_dim} d={c.n_embd} "
-            f"ffn_hidden={c.ffn_hidden} vocab={c.vocab_size}: {model.get_num_params():,} params")
+            f"ffn_hidden={c.ffn_hidden} vocab={c.vocab_size}: {n_params:,} params")
 
 
 def main(argv=None):
@@ -270,10 +322,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="where to write the grown checkpoint")
     for axis in ("n_layer", "n_head", "head_dim", "ffn_hidden", "vocab_size", "block_size"):
         ap.add_argument(f"--{axis}", type=int, help="default: unchanged")
-    ap.add_argument("--layer_place", default="top", choices=["top", "interleave"])
-    ap.add_argument("--layer_init", default="zero", choices=["zero", "copy"])
-    ap.add_argument("--vocab_init", default="mean", choices=["mean", "random"])
-    ap.add_argument("--tokenizer", help="tokenizer.model (needed for vocab_init=mean)")
+    for name, allowed in OPTIONS.items():
+        ap.add_argument(f"--{name}", default=allowed[0], choices=allowed)
+    ap.add_argument("--tokenizer", help="tokenizer.model (needed for vocab_init=mean or head_init=mean)")
     ap.add_argument("--reset_optimizer", action="store_true", help="drop all AdamW state (ablation)")
     ap.add_argument("--data_dir", help="the data tier of the new vocabulary (needed when it grows)")
     args = ap.parse_args(argv)
@@ -281,41 +332,28 @@ def main(argv=None):
         raise SystemExit(f"grow.py: {args.out} exists; pass another --out (a checkpoint is never overwritten)")
 
     ckpt = load_checkpoint(args.ckpt)
-    model = model_from_checkpoint(ckpt)
-    # before growing in place
-    old, old_description, old_newest = model.config, describe(model.config, model), max(model.generations())
-    tokenizer = None
+    old = GPTConfig(**ckpt["model_config"])
     if args.vocab_size and args.vocab_size > old.vocab_size and not args.data_dir:
         raise SystemExit("grow.py: a larger vocabulary needs --data_dir, the tier it will train and sample on")
     if args.data_dir and not os.path.isfile(os.path.join(args.data_dir, "meta.json")):
         raise SystemExit(f"grow.py: no prepared data in {args.data_dir}: run prepare.py for that tier first")
-    if args.tokenizer:
-        from prepare import PrepareError, load_tokenizer
-        try:
-            tokenizer = load_tokenizer(args.tokenizer, args.vocab_size or old.vocab_size,
-                                       sha256=ckpt.get("data", {}).get("tokenizer_sha256"))
-        except PrepareError as e:
-            raise SystemExit(f"grow.py: {e}")
+    old_params = model_from_checkpoint(ckpt).get_num_params()
     try:
         new = replace(old, **{k: v for k, v in vars(args).items() if v is not None and hasattr(old, k)})
-        grown, optim_state = grow_model(model, new, ckpt.get("optimizer"), tokenizer=tokenizer,
-                                        layer_place=args.layer_place, layer_init=args.layer_init,
-                                        vocab_init=args.vocab_init)
+        grown, optim_state, generations = grow_checkpoint(
+            ckpt, new, tokenizer=args.tokenizer, reset_optimizer=args.reset_optimizer,
+            **{name: getattr(args, name) for name in OPTIONS})
     except ValueError as e:  # GrowError, or GPTConfig refusing a shape
         raise SystemExit(f"grow.py: {e}")
-    gen = max(grown.generations())
-    added, schedules = gen > old_newest, ckpt.get("generations", [])
-    if added and schedules:  # born now; train.py gives it the schedule of the config that resumes it
-        schedules = schedules + [{"gen": gen, "birth": ckpt.get("iter_num", 0)}]
     data = dict(ckpt.get("data", {}), vocab_size=grown.config.vocab_size)  # sample.py decodes with this tier
     if args.data_dir:
         data["data_dir"] = args.data_dir
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     save_checkpoint({**ckpt, "data": data, "model": grown.state_dict(), "model_config": asdict(grown.config),
-                     "optimizer": {} if args.reset_optimizer else optim_state, "generations": schedules,
+                     "optimizer": optim_state, "generations": generations,
                      "stage_start": ckpt.get("iter_num", 0)}, args.out)  # a resume trains a new stage from here
-    print(f"old: {old_description}\nnew: {describe(grown.config, grown)}\n"
-          f"{f'generation {gen} added' if added else 'no weights added'}; wrote {args.out}")
+    print(f"old: {describe(old, old_params)}\nnew: {describe(grown.config, grown.get_num_params())}\n"
+          f"generation {max(grown.generations())} added; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -88,16 +88,17 @@ class Growable(nn.Module):
     def add_block(self, name, tensor):
         self.register_parameter(name, nn.Parameter(tensor))
 
-    def grow(self, shape, gen, init_rows, init_cols):
+    def grow(self, shape, gen, *, rows, cols):
         """Append generation `gen`'s strips so the weight gets `shape`: first the new input
         columns of the existing rows, then the new output rows across all columns.
-        init_rows / init_cols fill a new strip in place. New rows and columns go last."""
+        rows / cols fill a new strip in place (rows runs after the columns are in). New rows
+        and columns go last."""
         old, ref = self.shape, next(iter(self._parameters.values()))
         strips = []
         if len(shape) == 2 and shape[1] > old[1]:
-            strips.append((f"g{gen}_cols", (old[0], shape[1] - old[1]), init_cols))
+            strips.append((f"g{gen}_cols", (old[0], shape[1] - old[1]), cols))
         if shape[0] > old[0]:
-            strips.append((f"g{gen}_rows", (shape[0] - old[0], *shape[1:]), init_rows))
+            strips.append((f"g{gen}_rows", (shape[0] - old[0], *shape[1:]), rows))
         for name, strip_shape, init in strips:
             strip = torch.empty(strip_shape, dtype=ref.dtype, device=ref.device)
             with torch.no_grad():

@@ -32,7 +32,7 @@ def ckpt_path(tmp_path_factory, tok):
     model = GPT(c)
     for grown in (replace(c, vocab_size=768, n_layer=3, n_head=3, ffn_hidden=48),
                   replace(c, vocab_size=TIER, n_layer=4, n_head=4, ffn_hidden=64)):
-        model, _ = grow_model(model, grown, vocab_init="random")
+        model, _ = grow_model(model, grown, vocab_init="random", head_init="zero")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -58,7 +58,7 @@ def test_fsdp_matches_one_process_and_resumes_on_another_number_of_ranks(data, t
 def test_growing_an_fsdp_checkpoint_under_fsdp_keeps_the_function(data, tmp_path):
     train(tmp_path / "s1", data / "llama2_v512", "--parallelism=fsdp", ranks=2)
     log = train(tmp_path / "s2", data / "llama2_v1024", "--parallelism=fsdp", "--max_iters=2",
-                f"--grow_from={tmp_path / 's1' / 'ckpt.pt'}", "--vocab_init=random", ranks=2,
+                f"--grow_from={tmp_path / 's1' / 'ckpt.pt'}", "--vocab_init=random", "--head_init=zero", ranks=2,
                 config="config/tiny_stage2.py")
     grow = next(e for e in log if e["event"] == "grow")
     assert grow["parent_tier_val_bpb"] == pytest.approx(grow["parent_val_bpb"], abs=1e-5)

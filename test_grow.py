@@ -207,6 +207,27 @@ def test_copied_layers_change_the_function(seed):
     assert (after - before).abs().max() > 1e-3 * before.abs().max()
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_stacked_layers_copy_the_old_stack_in_order_and_train(seed):
+    """layer_init='stack' (G_stack): new layer j on top is a copy of old layer j mod n_old; not the
+    identity, and every new block still moves within two AdamW steps."""
+    rng = random.Random(seed)
+    model = tiny_model(tiny_config(rng), seed)
+    n_old = model.config.n_layer
+    old = [{n: p.detach().clone() for n, p in block.named_parameters()} for block in model.layers]
+    idx = tokens(model.config.vocab_size, 3, model.config.block_size, seed)
+    before, _ = model(idx)
+    grow_model(model, replace(model.config, n_layer=n_old + rng.randint(1, 2 * n_old)), layer_init="stack")
+    for j, block in enumerate(model.layers[n_old:]):
+        for name, p in block.named_parameters():
+            assert torch.equal(p, old[j % n_old][name]), f"new layer {n_old + j}.{name}"
+    after, _ = model(idx)
+    assert (after - before).abs().max() > 1e-3 * before.abs().max()
+    new = {n: p.detach().clone() for n, p in model.named_parameters() if block_generation(n) > 0}
+    train(model, adamw(model), 2, seed)
+    assert_every_row_and_column_moved(model, new)
+
+
 def write_checkpoint(model, path, optimizer=None):
     save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": asdict(model.config),
                      "optimizer": optimizer or {}, "generations": [], "iter_num": 0}, path)
@@ -419,18 +440,28 @@ def test_compiled_model_takes_a_second_sequence_length():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_new_embedding_rows_are_the_mean_of_their_old_pieces(seed):
+@pytest.mark.parametrize("head_init", ["mean", "zero"])
+def test_new_vocabulary_rows_are_the_mean_of_their_old_pieces(seed, head_init):
+    """Embedding rows: the mean of the pieces' rows (the new dims 0). lm_head rows: the mean of the
+    pieces' rows over the grown width (old rows' new input columns are drawn), or zero: logit 0."""
     rng = random.Random(seed)
     model = tiny_model(tiny_config(rng), seed)
     old = model.config
     emb = model.tok_emb.weight.detach().clone()
     tok = FakeTokenizer(old.vocab_size + 20)
-    grow_model(model, replace(old, vocab_size=tok.vocab_size, n_head=old.n_head + 1), tokenizer=tok, vocab_init="mean")
-    grown = model.tok_emb.weight
+    grow_model(model, replace(old, vocab_size=tok.vocab_size, n_head=old.n_head + 1), tokenizer=tok,
+               vocab_init="mean", head_init=head_init)
+    grown, head = model.tok_emb.weight, model.lm_head.weight
     for t in range(old.vocab_size, tok.vocab_size):
-        assert_round_off(grown[t, :old.n_embd], emb[tok.old_tier_pieces(t, old.vocab_size)].mean(0), f"token {t}")
+        pieces = tok.old_tier_pieces(t, old.vocab_size)
+        assert_round_off(grown[t, :old.n_embd], emb[pieces].mean(0), f"token {t}")
+        if head_init == "mean":
+            assert_round_off(head[t], head[pieces].mean(0), f"lm_head row {t}")
     assert (grown[old.vocab_size:, old.n_embd:] == 0).all(), "the new dims start at 0"
-    assert (model.lm_head.weight[old.vocab_size:] == 0).all(), "new tokens start at logit 0"
+    if head_init == "zero":
+        assert (head[old.vocab_size:] == 0).all(), "new tokens start at logit 0"
+    else:
+        assert (head[old.vocab_size:] != 0).any(dim=1).all()
 
 
 def test_a_new_token_without_old_pieces_starts_as_the_mean_old_row():
@@ -471,6 +502,7 @@ BAD_GROWTHS = [  # (id, change to the config, grow_model options, tokenizer size
     ("layer_place", {"n_layer": 1, "n_head": 1}, {"layer_place": "middle"}, 0, "layer_place"),
     ("layer_init", {"n_layer": 1, "n_head": 1}, {"layer_init": "random"}, 0, "layer_init"),
     ("vocab_init", {"vocab_size": 10, "n_head": 1}, {"vocab_init": "copy"}, 0, "vocab_init"),
+    ("stack_interleaved", {"n_layer": 1}, {"layer_init": "stack", "layer_place": "interleave"}, 0, "stack"),
 ]
 
 

@@ -171,7 +171,7 @@ def test_export_logits_match_transformers(tmp_path):
     model = GPT(c)
     for grown in (replace(c, vocab_size=128, n_layer=3, n_head=3, head_dim=16, ffn_hidden=48),
                   replace(c, vocab_size=160, n_layer=4, n_head=4, head_dim=16, ffn_hidden=64)):
-        model, _ = grow_model(model, grown, vocab_init="random")
+        model, _ = grow_model(model, grown, vocab_init="random", head_init="zero")
     with torch.no_grad():  # move every weight off its init, so the zero parts take part
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
