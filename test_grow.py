@@ -214,13 +214,14 @@ def test_stacked_layers_copy_the_old_stack_in_order_and_train(seed):
     rng = random.Random(seed)
     model = tiny_model(tiny_config(rng), seed)
     n_old = model.config.n_layer
-    old = [{n: p.detach().clone() for n, p in block.named_parameters()} for block in model.layers]
+    old = [{n: g.weight.detach().clone() for n, g in block.named_modules() if isinstance(g, Growable)}
+           for block in model.layers]
     idx = tokens(model.config.vocab_size, 3, model.config.block_size, seed)
     before, _ = model(idx)
     grow_model(model, replace(model.config, n_layer=n_old + rng.randint(1, 2 * n_old)), layer_init="stack")
     for j, block in enumerate(model.layers[n_old:]):
-        for name, p in block.named_parameters():
-            assert torch.equal(p, old[j % n_old][name]), f"new layer {n_old + j}.{name}"
+        for name, weight in old[j % n_old].items():
+            assert torch.equal(block.get_submodule(name).weight, weight), f"new layer {n_old + j}.{name}"
     after, _ = model(idx)
     assert (after - before).abs().max() > 1e-3 * before.abs().max()
     new = {n: p.detach().clone() for n, p in model.named_parameters() if block_generation(n) > 0}
