@@ -384,6 +384,10 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
                 os.remove(f.name)
     print(f'{len(todo)} tiers in {elapsed:.1f}s wall with {workers} workers')
 
+def eval_window_starts(n_tokens, n_windows, block_size):
+    """Where train.py's val windows start: fixed and spread evenly over the split, the same for every run."""
+    return np.linspace(0, n_tokens - block_size - 1, n_windows).astype(np.int64)
+
 def is_complete(tier_dir, tok, source, split):
     """A tier is complete when its meta.json matches this run and both bins have the size it records."""
     try:

@@ -56,7 +56,7 @@ STAGE_ITERS = 6
 
 
 def schedule_args(s):
-    return [f"--warmup_iters={s['warmup']}", f"--learning_rate={s['lr']}", f"--min_lr={s['min_lr']}",
+    return ["--schedule=cosine", f"--warmup_iters={s['warmup']}", f"--learning_rate={s['lr']}", f"--min_lr={s['min_lr']}",
             f"--decay_iters={s['decay_iters']}", f"--lr_mult={s['mult']}", f"--max_iters={STAGE_ITERS}"]
 
 
@@ -248,7 +248,8 @@ def lr_table(generations, iters):
 
 
 def expected_table():
-    return [dict(gen=k, birth=k * STAGE_ITERS, **s) for k, s in enumerate(SCHEDULES)]
+    return [dict(gen=k, birth=k * STAGE_ITERS, schedule="cosine", **s, cooldown=None, cooldown_shape="linear")
+            for k, s in enumerate(SCHEDULES)]
 
 
 def test_every_generation_follows_its_own_schedule(ladder):
@@ -283,8 +284,9 @@ def test_global_lr_mode_gives_every_generation_the_stages_schedule(ladder, data,
             assert sorted(map(int, e["lr"])) == list(range(k))
             for lr in e["lr"].values():
                 assert lr == pytest.approx(reference_lr(stage, step_of(e)), rel=1e-12), (k, e)
-    # the generation table is kept as it is: lr_mode only chooses how it is read
-    assert load_checkpoint(dirs[3] / "ckpt.pt")["generations"] == expected_table()
+    # the stage wrote its schedule into every generation's record, so a resume reads it back as it was
+    assert load_checkpoint(dirs[3] / "ckpt.pt")["generations"] == [
+        {**g, **expected_table()[2], "gen": g["gen"]} for g in expected_table()]
 
 
 # -----------------------------------------------------------------------------
@@ -315,8 +317,8 @@ def test_flops_per_token_agrees_with_flop_counter_mode():
     # three generations: wider FFN, more heads, head_dim doubled (permuted weights), deeper, bigger vocab
     grown = GPT(c)
     grown, _ = grow_model(grown, replace(c, n_layer=3, n_head=3, head_dim=16, ffn_hidden=40, vocab_size=128),
-                          vocab_init="random")
-    grown, _ = grow_model(grown, replace(grown.config, n_layer=4, n_head=4, ffn_hidden=64), vocab_init="random")
+                          vocab_init="random", head_init="zero")
+    grown, _ = grow_model(grown, replace(grown.config, n_layer=4, n_head=4, ffn_hidden=64), vocab_init="random", head_init="zero")
     assert grown.generations() == [0, 1, 2] and grown.layers[0].attn.wq.row_perm is not None
     for m in (model, grown):
         for B, T in ((2, 32), (3, 7)):
@@ -432,7 +434,7 @@ def test_an_out_dir_holding_a_run_is_refused_and_kept(ladder, data, tmp_path):
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
     torch.manual_seed(0)
     small = GPTConfig(vocab_size=64, n_layer=2, n_head=2, head_dim=8, ffn_hidden=32, block_size=16)
-    model, _ = grow_model(GPT(small), replace(small, n_layer=3, n_head=3, ffn_hidden=48), vocab_init="random")
+    model, _ = grow_model(GPT(small), replace(small, n_layer=3, n_head=3, ffn_hidden=48), vocab_init="random", head_init="zero")
     for p in model.parameters():  # the grown strips start at zero; make every gradient path non-trivial
         p.data.normal_(std=0.1)
     x = torch.randint(0, 64, (2, 16))
@@ -479,7 +481,7 @@ def test_resuming_with_another_batch_says_so(ladder, data, tmp_path):
 def test_compile_parts_gives_the_eager_loss_and_gradients():
     torch.manual_seed(0)
     small = GPTConfig(vocab_size=64, n_layer=2, n_head=2, head_dim=8, ffn_hidden=32, block_size=16)
-    model, _ = grow_model(GPT(small), replace(small, n_layer=3, n_head=3, ffn_hidden=48), vocab_init="random")
+    model, _ = grow_model(GPT(small), replace(small, n_layer=3, n_head=3, ffn_hidden=48), vocab_init="random", head_init="zero")
     for p in model.parameters():
         p.data.normal_(std=0.1)
     x = torch.randint(0, 64, (2, 16))

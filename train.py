@@ -29,19 +29,25 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from grow import GrowError, condense, grow_model
+from grow import GrowError, grow_checkpoint
 from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from prepare import eval_window_starts
 
 # -----------------------------------------------------------------------------
 # config, overridable by config/*.py and --key=value
 out_dir = "out/tiny_stage1"
 init_from = "scratch"  # 'scratch' | 'resume' (this out_dir's checkpoint) | 'grow' (grow_from, grown to this shape)
+# | 'branch' (a new run from branch_from's checkpoint, same shape: for a cooldown at that point)
 grow_from = ""  # checkpoint of the previous stage
+branch_from = ""  # checkpoint to branch from
+parent_data_dir = ""  # grow: the parent's tier, where it is not (any longer) where its checkpoint says
 eval_only = False  # evaluate the checkpoint (init_from='resume') and exit
 write_checkpoints = True  # False: evaluate but never write ckpt.pt (benchmark runs; 7B with AdamW state is ~81 GB)
+snapshot_interval = 0  # also keep ckpt_<iter>.pt every this many iterations, to branch from later (0: off)
 # data
 data_dir = "data/tinyshakespeare/llama2_v512"  # a tier written by prepare.py
-tokenizer = "llama2"  # for vocab_init='mean': a tokenizer.model path, or a name prepare.py knows
+tokenizer = "llama2"  # for new vocabulary rows at the mean of their pieces: a tokenizer.model path, or a name
+tier_ramp_iters = 0  # after a vocabulary growth, rows come from the parent's tier with odds falling 1 -> 0 (0: off)
 # model
 vocab_size = 512
 n_layer = 2
@@ -54,21 +60,27 @@ norm_eps = 1e-5
 dropout = 0.0
 # growth (init_from='grow')
 layer_place = "top"  # 'top' | 'interleave'
-layer_init = "zero"  # 'zero' (identity) | 'copy' (duplicate the layer below; ablation)
-vocab_init = "mean"  # 'mean' of the old-tier pieces | 'random'
+layer_init = "zero"  # 'zero' (identity) | 'copy' (duplicate the layer below) | 'stack' (the old stack again, on top)
+vocab_init = "mean"  # new embedding rows: 'mean' of the old-tier pieces' rows | 'random'
+head_init = "mean"  # new lm_head rows: 'mean' of the pieces' rows | 'zero'
 reset_optimizer = False  # drop the AdamW state at growth (ablation)
 condense_upto = -1  # merge generations <= this into one block after growing (-1: off)
 # batch: tokens per iteration = batch_size * block_size * grad_accum_steps (over all ranks)
 batch_size = 16  # per micro-step and rank
 grad_accum_steps = 1  # in total, divided among the ranks
 max_iters = 100  # iterations this stage trains
-# this stage's generation schedule: linear warmup, cosine decay to min_lr over decay_iters
+# the schedule of the generation this stage adds, on its own clock from its birth: a linear warmup to
+# learning_rate * lr_mult, then 'wsd' holds it, 'cosine' decays to min_lr at decay_iters
+schedule = "wsd"  # 'wsd' | 'cosine'
 learning_rate = 3e-3
 warmup_iters = 10
-decay_iters = 100
+decay_iters = 100  # cosine only
 min_lr = 3e-4
 lr_mult = 1.0
-lr_mode = "generation"  # 'generation' (each its own schedule) | 'global' (this stage's schedule for all)
+cooldown_iters = 0  # the last this-many iterations of the stage take every generation to its min_lr (0: none)
+cooldown_shape = "linear"  # 'linear' | '1-sqrt'
+old_lr_mult = 1.0  # from this stage on, the generations born before it run at this multiple of their LR
+lr_mode = "generation"  # 'generation' (each its own schedule) | 'global' (this stage's schedule for all, from its start)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
@@ -88,17 +100,31 @@ peak_flops = 989e12  # per GPU, for MFU
 peak_flops_name = "H100/H200 SXM bf16 dense"
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+defaults = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 config = {k: globals()[k] for k in config_keys}
-for key, allowed in (("init_from", ("scratch", "resume", "grow")), ("lr_mode", ("generation", "global")),
+# a resume continues the run as it was set up: these are the checkpoint's (a branch may change them)
+RUN_KEYS = ("schedule", "learning_rate", "warmup_iters", "decay_iters", "min_lr", "lr_mult", "cooldown_iters",
+            "cooldown_shape", "old_lr_mult", "lr_mode", "tier_ramp_iters", "weight_decay", "beta1", "beta2", "grad_clip")
+for key, allowed in (("init_from", ("scratch", "resume", "grow", "branch")), ("lr_mode", ("generation", "global")),
+                     ("schedule", ("wsd", "cosine")), ("cooldown_shape", ("linear", "1-sqrt")),
                      ("parallelism", ("ddp", "fsdp")), ("layer_place", ("top", "interleave")),
-                     ("layer_init", ("zero", "copy")), ("vocab_init", ("mean", "random")),
+                     ("layer_init", ("zero", "copy", "stack")), ("vocab_init", ("mean", "random")),
+                     ("head_init", ("mean", "zero")),
                      ("dtype", ("bfloat16", "float32"))):  # float16 would need a GradScaler: use bfloat16
     if config[key] not in allowed:
         raise SystemExit(f"{key}={config[key]!r} is not one of {', '.join(allowed)}")
 for key in ("batch_size", "grad_accum_steps", "eval_interval", "eval_windows", "log_interval"):
     if config[key] <= 0:
         raise SystemExit(f"{key}={config[key]} must be positive")
+for key in ("cooldown_iters", "tier_ramp_iters", "snapshot_interval"):
+    if config[key] < 0:
+        raise SystemExit(f"{key}={config[key]} must be >= 0 (0: off)")
+if cooldown_iters > max_iters:
+    raise SystemExit(f"cooldown_iters={cooldown_iters} is longer than the stage (max_iters={max_iters})")
+for key, path in (("grow", grow_from), ("branch", branch_from)):
+    if init_from == key and not path:
+        raise SystemExit(f"init_from={key!r} needs --{key}_from=PATH/ckpt.pt")
 if not out_dir:
     raise SystemExit("out_dir is empty: pass --out_dir=DIR")
 if device.startswith("cuda") and not torch.cuda.is_available():
@@ -156,15 +182,32 @@ for split, data in bins.items():
         raise SystemExit(f"{split}.bin in {data_dir} has {len(data)} tokens, fewer than block_size+1")
 
 
-def get_batch(data, it, micro):
-    """Rows of iteration `it` for this rank's micro-step. The global batch depends only on
-    (seed, it), never on the number of ranks, so DDP matches one process and a resumed run
-    sees exactly the batches it would have seen; rank r takes every world-th row."""
-    rows = batch_size * grad_accum_steps
-    starts = np.random.default_rng([seed, it]).integers(0, len(data) - block_size - 1, size=rows)
-    starts = starts[(micro * world + rank) * batch_size:][:batch_size]
-    x = torch.from_numpy(np.stack([data[s:s + block_size] for s in starts]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[s + 1:s + 1 + block_size] for s in starts]).astype(np.int64))
+def old_tier_odds(ramp, it):
+    """The chance that a row of iteration it comes from the parent's tier: 1 at the growth, 0 after the ramp."""
+    return max(0.0, 1 - (it - ramp["start"]) / ramp["iters"]) if ramp else 0.0
+
+
+def draw_rows(it):
+    """The global batch of iteration it: (bins, start) per row. It depends only on (seed, it), never on the
+    number of ranks, so DDP matches one process and a resumed run sees exactly the batches it would
+    have seen. During a tier ramp each row also draws its tier, from a stream of its own."""
+    n = batch_size * grad_accum_steps
+    starts = np.random.default_rng([seed, it]).integers(0, len(bins["train"]) - block_size - 1, size=n)
+    rows = [(bins["train"], s) for s in starts]
+    odds = old_tier_odds(tier_ramp, it)
+    if odds > 0:
+        ramp_rng = np.random.default_rng([seed, it, 1])
+        old = ramp_rng.random(n) < odds
+        old_starts = ramp_rng.integers(0, len(ramp_train) - block_size - 1, size=n)
+        rows = [(ramp_train, o) if is_old else row for row, is_old, o in zip(rows, old, old_starts)]
+    return rows
+
+
+def get_batch(rows, micro):
+    """This rank's rows for a micro-step: rank r takes every world-th slice of batch_size rows."""
+    mine = rows[(micro * world + rank) * batch_size:][:batch_size]
+    x = torch.from_numpy(np.stack([data[s:s + block_size] for data, s in mine]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[s + 1:s + 1 + block_size] for data, s in mine]).astype(np.int64))
     if device_type == "cuda":  # pinned + non_blocking: the copy overlaps the GPU's work
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -177,7 +220,7 @@ def evaluate(model, data, meta, n_windows, T):
     parent's tier: restricted, it must give the parent's numbers."""
     model.eval()
     n_windows = -(-n_windows // world) * world  # as many batches on every rank: FSDP forwards are collective
-    starts = np.linspace(0, len(data) - T - 1, n_windows).astype(np.int64)[rank::world]
+    starts = eval_window_starts(len(data), n_windows, T)[rank::world]
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, count)
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]
@@ -196,7 +239,145 @@ def evaluate(model, data, meta, n_windows, T):
     return loss, loss * meta["val"]["tokens"] / meta["val"]["bytes"] / math.log(2)
 
 
-# ---- model, optimizer state and generation table -------------------------------
+# ---- learning rates -----------------------------------------------------------
+# One record per generation, kept in the checkpoint: its schedule, birth, multiplier and the cooldown
+# window of the stage that trains it. A stage writes its settings into every record when it starts,
+# so a resume reads them back as they were.
+
+def stage_schedule(gen, birth):
+    return dict(gen=gen, birth=birth, schedule=schedule, warmup=warmup_iters, lr=learning_rate, min_lr=min_lr,
+                decay_iters=decay_iters, mult=lr_mult)
+
+
+def start_stage(generations, born):
+    """This stage's settings on every generation's record: with lr_mode='global' each takes this stage's
+    schedule from its start; those born before it (not in `born`) run at old_lr_mult times their LR;
+    all share the stage's cooldown window (none when cooldown_iters is 0)."""
+    end = stage_start + max_iters
+    cooldown = [end - cooldown_iters, end] if cooldown_iters else None
+    records = []
+    for g in generations:
+        g = {"schedule": "cosine", **g}  # records from before WSD were cosine
+        if lr_mode == "global":
+            g.update(stage_schedule(g["gen"], stage_start))
+        if g["gen"] not in born:
+            g["mult"] *= old_lr_mult
+        records.append({**g, "cooldown": cooldown, "cooldown_shape": cooldown_shape})
+    return records
+
+
+def get_lr(s, it):
+    """Learning rate of generation record s at global iteration it; its own clock starts at birth."""
+    t = it - s["birth"]
+    if t < s["warmup"]:
+        lr = s["lr"] * (t + 1) / (s["warmup"] + 1)
+    elif s["schedule"] == "wsd":
+        lr = s["lr"]
+    elif t >= s["decay_iters"]:
+        lr = s["min_lr"]
+    else:
+        ratio = (t - s["warmup"]) / max(1, s["decay_iters"] - s["warmup"])
+        lr = s["min_lr"] + 0.5 * (1 + math.cos(math.pi * ratio)) * (s["lr"] - s["min_lr"])
+    if s.get("cooldown") and it >= s["cooldown"][0]:  # the cooldown's first step keeps the stable LR
+        begin, end = s["cooldown"]
+        done = min(1.0, (it - begin) / (end - begin))
+        lr += (s["min_lr"] - lr) * (done if s["cooldown_shape"] == "linear" else math.sqrt(done))
+    return lr * s["mult"]
+
+
+# ---- how the run starts: scratch, resume, grow or branch --------------------------
+# Each gives the model (on the CPU), its AdamW state by parameter name, and the run's counters.
+
+def check_same_shape(ckpt, how):
+    for k in ("vocab_size", "n_layer", "n_head", "head_dim", "ffn_hidden", "block_size"):  # (growth rescales norm_eps)
+        if ckpt["model_config"][k] != config[k]:
+            raise SystemExit(f"--init_from={how} keeps the checkpoint's shape, but {k}={config[k]} "
+                             f"(checkpoint: {ckpt['model_config'][k]}); drop the override, or grow it with "
+                             "--init_from=grow into a new out_dir")
+
+
+def check_tokenizer(ckpt):
+    if ckpt["data"]["tokenizer_sha256"] != meta["tokenizer_sha256"]:
+        raise SystemExit(f"the checkpoint was trained with tokenizer {ckpt['data']['tokenizer']} "
+                         f"({ckpt['data']['tokenizer_sha256'][:12]}) but {data_dir} uses "
+                         f"{meta['tokenizer']} ({meta['tokenizer_sha256'][:12]}); prepare data with the same tokenizer")
+
+
+def continued(ckpt):
+    """The counters of a checkpoint's run, to go on from."""
+    return dict(optim_state=ckpt["optimizer"], generations=ckpt["generations"], iter_num=ckpt["iter_num"],
+                tokens=ckpt["tokens"], flops=ckpt["flops"], best_val_bpb=ckpt["best_val_bpb"],
+                tier_ramp=ckpt.get("tier_ramp"), rng=ckpt["rng"])
+
+
+def scratch():
+    return dict(model=GPT(model_config), optim_state={}, generations=[stage_schedule(0, 0)], iter_num=0, tokens=0,
+                flops=0, best_val_bpb=None, stage_start=0, born={0}, tier_ramp=None, rng=None)
+
+
+def resume(ckpt):
+    """This out_dir's run, where its checkpoint left it. A checkpoint grown by grow.py starts its stage here."""
+    check_same_shape(ckpt, "resume")
+    run = dict(continued(ckpt), model=model_from_checkpoint(ckpt), stage_start=ckpt["stage_start"], born=set())
+    if "lr" not in run["generations"][-1]:  # grow.py's new generation: this config's schedule, from its birth
+        newborn = run["generations"][-1]
+        run["generations"] = run["generations"][:-1] + [stage_schedule(newborn["gen"], newborn["birth"])]
+        run["born"] = {newborn["gen"]}
+    else:
+        changed = {k: f"{ckpt['config'][k]} -> {config[k]}" for k in ("batch_size", "grad_accum_steps", "seed")
+                   if ckpt["config"][k] != config[k]}
+        if changed:  # allowed (a smaller GPU may need a smaller batch), but it is no longer the same run
+            log(f"warning: resuming with {changed}: the batches from here differ from the original run's")
+        fixed = RUN_KEYS + (("max_iters",) if ckpt["config"].get("cooldown_iters") else ())  # the cooldown is placed
+        for k in fixed:
+            if k in ckpt["config"] and ckpt["config"][k] != config[k]:
+                raise SystemExit(f"--init_from=resume continues the run as it was set up, but {k}={config[k]} "
+                                 f"(the run's: {ckpt['config'][k]}); drop the override, or start a new run from "
+                                 f"its checkpoint with --init_from=branch --branch_from={ckpt_path}")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if master and os.path.exists(log_path):  # a killed run logged steps past its checkpoint: they run again
+        with open(log_path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] <= ckpt["iter_num"]]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    return run
+
+
+def branch(ckpt):
+    """A new run (this out_dir) from another run's checkpoint, same shape: model, AdamW state, iteration,
+    FLOPs and RNG, so its first step is the one the parent would have taken. Typically only a cooldown."""
+    check_same_shape(ckpt, "branch")
+    return dict(continued(ckpt), model=model_from_checkpoint(ckpt), stage_start=ckpt["iter_num"], born=set())
+
+
+def parent_tier(ckpt):
+    """The parent's data tier: parent_data_dir if given, else where its checkpoint says (as given, then absolute)."""
+    recorded = ckpt["data"]["data_dir"], ckpt["data"].get("data_dir_abs", "")
+    for path in (parent_data_dir,) if parent_data_dir else recorded:
+        if os.path.isfile(os.path.join(path, "meta.json")):
+            return path, *open_tier(path)
+    raise SystemExit(f"the parent's data tier is not at {' or '.join(p for p in recorded if p)}: "
+                     "pass --parent_data_dir=PATH (the tier it was trained on)")
+
+
+def grow(ckpt):
+    """The parent's model grown to this config: a new generation with this stage's schedule."""
+    try:
+        model, optim_state, generations = grow_checkpoint(
+            ckpt, model_config, tokenizer=tokenizer, schedule=stage_schedule(0, 0), reset_optimizer=reset_optimizer,
+            condense_upto=condense_upto, layer_place=layer_place, layer_init=layer_init, vocab_init=vocab_init,
+            head_init=head_init)
+    except GrowError as e:
+        raise SystemExit(f"cannot grow {grow_from} to this config: {e}")
+    run = dict(continued(ckpt), model=model, optim_state=optim_state, generations=generations,
+               stage_start=ckpt["iter_num"], born={generations[-1]["gen"]}, tier_ramp=None)
+    if vocab_size > ckpt["model_config"]["vocab_size"] and tier_ramp_iters:
+        run["tier_ramp"] = dict(data_dir=parent_tier(ckpt)[0], start=ckpt["iter_num"], iters=tier_ramp_iters)
+    log(f"grew {grow_from}: {model_from_checkpoint(ckpt).get_num_params():,} -> {model.get_num_params():,} "
+        f"parameters, generation {generations[-1]['gen']} born at iteration {ckpt['iter_num']}")
+    return run
+
 
 try:
     model_config = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
@@ -205,89 +386,35 @@ try:
 except ValueError as e:
     raise SystemExit(str(e))
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-schedule = dict(warmup=warmup_iters, lr=learning_rate, min_lr=min_lr, decay_iters=decay_iters, mult=lr_mult)
 if init_from != "resume" and any(os.path.exists(os.path.join(out_dir, f)) for f in ("ckpt.pt", "log.jsonl")):
     raise SystemExit(f"{out_dir} already holds a run; use --init_from=resume, another --out_dir, "
                      "or delete it (a run killed before its first checkpoint leaves only log.jsonl)")
+t_load, parent = time.time(), None
 if init_from == "scratch":
-    model = GPT(model_config)
-    optim_state, generations, iter_num, tokens_total, flops_total, best_val_bpb = \
-        {}, [dict(gen=0, birth=0, **schedule)], 0, 0, 0, None
-    stage_start = 0
-else:  # resume or grow
-    t_load = time.time()
-    ckpt = load_checkpoint(ckpt_path if init_from == "resume" else grow_from)
-    if ckpt["data"]["tokenizer_sha256"] != meta["tokenizer_sha256"]:
-        raise SystemExit(f"the checkpoint was trained with tokenizer {ckpt['data']['tokenizer']} "
-                         f"({ckpt['data']['tokenizer_sha256'][:12]}) but {data_dir} uses "
-                         f"{meta['tokenizer']} ({meta['tokenizer_sha256'][:12]}); prepare data with the same tokenizer")
-    model = model_from_checkpoint(ckpt)
-    # a generation grown by grow.py has no schedule yet: it takes this config's
-    optim_state, generations = ckpt["optimizer"], [{**schedule, **g} for g in ckpt["generations"]]
-    iter_num, tokens_total, flops_total = ckpt["iter_num"], ckpt["tokens"], ckpt["flops"]
-    best_val_bpb = ckpt["best_val_bpb"]
-    stage_start = ckpt["stage_start"] if init_from == "resume" else iter_num
-    if init_from == "resume":
-        model_config = model.config
-        for k in ("vocab_size", "n_layer", "n_head", "head_dim", "ffn_hidden", "block_size"):  # (growth rescales norm_eps)
-            if ckpt["model_config"][k] != config[k]:
-                raise SystemExit(f"--init_from=resume keeps the checkpoint's shape, but {k}={config[k]} "
-                                 f"(checkpoint: {ckpt['model_config'][k]}); drop the override, or grow it with "
-                                 "--init_from=grow into a new out_dir")
-        changed = {k: f"{ckpt['config'][k]} -> {config[k]}" for k in ("batch_size", "grad_accum_steps", "seed")
-                   if ckpt["config"][k] != config[k]}
-        if changed:  # allowed (a smaller GPU may need a smaller batch), but it is no longer the same run
-            log(f"warning: resuming with {changed}: the batches from here differ from the original run's")
-        if any(generations[-1][k] != v for k, v in schedule.items()):
-            log(f"warning: a resume keeps the checkpoint's schedules ({generations[-1]}); "
-                "the learning-rate settings given now are ignored")
-        rng_state = ckpt["rng"]
-        log_path = os.path.join(out_dir, "log.jsonl")
-        if master and os.path.exists(log_path):  # a killed run logged steps past its checkpoint: they run again
-            with open(log_path) as f:
-                kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] <= iter_num]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(log_path + ".tmp", log_path)
-    else:
-        parent = ckpt
-        parent_meta, parent_bins = open_tier(parent["data"]["data_dir"])
-        tok = None
-        if vocab_size > model.config.vocab_size and vocab_init == "mean":
-            from prepare import PrepareError, load_tokenizer
-            try:
-                tok = load_tokenizer(tokenizer, vocab_size, sha256=meta["tokenizer_sha256"])
-            except PrepareError as e:
-                raise SystemExit(f"tokenizer for vocab_init='mean': {e}")
-        old_params, old_newest = model.get_num_params(), max(model.generations())
-        try:
-            model, optim_state = grow_model(model, model_config, optim_state, tokenizer=tok, layer_place=layer_place,
-                                            layer_init=layer_init, vocab_init=vocab_init)
-        except GrowError as e:
-            raise SystemExit(f"cannot grow {grow_from} to this config: {e}")
-        newest = max(model.generations())
-        if newest == old_newest:  # no generation to give this config's schedule to
-            raise SystemExit(f"this config adds no weights to {grow_from}: change the shape, or train that "
-                             "checkpoint on with --init_from=resume in its out_dir")
-        generations = generations + [dict(gen=newest, birth=iter_num, **schedule)]
-        if reset_optimizer:
-            optim_state = {}
-        if condense_upto >= 0:
-            if condense_upto >= newest:  # the newborn has no Adam steps: merged, it would inherit old step counts
-                raise SystemExit(f"condense_upto={condense_upto} must be below the new generation {newest} "
-                                 f"(0..{newest - 1}, or -1 for off)")
-            model, optim_state = condense(model, condense_upto, optim_state)
-        model_config = model.config
-        log(f"grew {grow_from}: {old_params:,} -> {model.get_num_params():,} parameters, "
-            f"generation {newest} born at iteration {iter_num}")
+    run = scratch()
+else:
+    ckpt = load_checkpoint({"resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from])
+    check_tokenizer(ckpt)
+    run = {"resume": resume, "grow": grow, "branch": branch}[init_from](ckpt)
+    if init_from == "grow":
+        parent = ckpt  # for the growth check below
     del ckpt
+model, optim_state, iter_num, stage_start = run["model"], run["optim_state"], run["iter_num"], run["stage_start"]
+tokens_total, flops_total, best_val_bpb, tier_ramp = run["tokens"], run["flops"], run["best_val_bpb"], run["tier_ramp"]
+generations = run["generations"]
+if init_from != "resume" or run["born"]:  # a stage starts here
+    generations = start_stage(generations, run["born"])
+ramp_train = open_tier(tier_ramp["data_dir"])[1]["train"] if tier_ramp else None
 
 torch.manual_seed(seed + rank)  # dropout differs between ranks
-if init_from == "resume" and master:  # the checkpoint holds rank 0's: with dropout, ranks > 0 continue on a new stream
-    torch.set_rng_state(rng_state["torch"])
-    if "cuda" in rng_state and device_type == "cuda":  # dropout on the GPU draws from the device's generator
-        torch.cuda.set_rng_state(rng_state["cuda"])
+if run["rng"] is not None and init_from in ("resume", "branch") and master:
+    # the checkpoint holds rank 0's: with dropout, ranks > 0 continue on a new stream
+    torch.set_rng_state(run["rng"]["torch"])
+    if "cuda" in run["rng"] and device_type == "cuda":  # dropout on the GPU draws from the device's generator
+        torch.cuda.set_rng_state(run["rng"]["cuda"])
+del run
 model.to(device)
+model_config = model.config
 raw_model = model  # saved and grown; the compiled / DDP wrappers only run it
 if compile:
     model.compile_parts()
@@ -321,22 +448,7 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-log(f"config: {json.dumps(config)}")
-
-
-def get_lr(sched, it):
-    """Learning rate of a generation at global iteration it: its own clock starts at birth."""
-    if lr_mode == "global":  # one schedule for all, restarted at each stage, as a single optimizer LR gives
-        sched = {**schedule, "birth": stage_start}
-    t = it - sched["birth"]
-    if t < sched["warmup"]:
-        lr = sched["lr"] * (t + 1) / (sched["warmup"] + 1)
-    elif t >= sched["decay_iters"]:
-        lr = sched["min_lr"]
-    else:
-        ratio = (t - sched["warmup"]) / max(1, sched["decay_iters"] - sched["warmup"])
-        lr = sched["min_lr"] + 0.5 * (1 + math.cos(math.pi * ratio)) * (sched["lr"] - sched["min_lr"])
-    return lr * sched["mult"]
+log("config: " + (" ".join(f"{k}={v}" for k, v in config.items() if v != defaults[k]) or "the defaults"))
 
 
 def full(tensors):
@@ -361,11 +473,16 @@ def save(iter_num):
         "optimizer": optim_state,
         "generations": generations, "iter_num": iter_num, "stage_start": stage_start,
         "tokens": tokens_total, "flops": flops_total,
-        "best_val_bpb": best_val_bpb, "last_val_bpb": last_val_bpb, "config": config,
+        "best_val_bpb": best_val_bpb, "last_val_bpb": last_val_bpb, "config": config, "tier_ramp": tier_ramp,
         "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
         "data": {"tokenizer": meta["tokenizer"], "tokenizer_sha256": meta["tokenizer_sha256"],
-                 "vocab_size": meta["vocab_size"], "data_dir": data_dir},
+                 "vocab_size": meta["vocab_size"], "data_dir": data_dir, "data_dir_abs": os.path.abspath(data_dir)},
     }, ckpt_path)
+    if snapshot_interval and iter_num % snapshot_interval == 0:  # a hard link: ckpt.pt is later replaced, not rewritten
+        snapshot = os.path.join(out_dir, f"ckpt_{iter_num}.pt")
+        if os.path.exists(snapshot):
+            os.remove(snapshot)
+        os.link(ckpt_path, snapshot)
     log(f"saved {ckpt_path} in {time.time() - t_save:.1f} s")
 
 
@@ -382,6 +499,7 @@ log(f"{raw_model.get_num_params():,} parameters, generations {raw_model.generati
 
 if init_from == "grow":  # function preservation in practice: the parent's tier, restricted, then this tier
     pc = parent["config"]
+    _, parent_meta, parent_bins = parent_tier(parent)
     parent_windows = pc.get("eval_windows") or pc["eval_iters"] * pc["batch_size"]  # before eval_windows existed
     old_loss, old_bpb = evaluate(model, parent_bins["val"], parent_meta, parent_windows, pc["block_size"])
     loss, bpb = evaluate(model, bins["val"], meta, eval_windows, block_size)
@@ -390,6 +508,8 @@ if init_from == "grow":  # function preservation in practice: the parent's tier,
     log(f"after growth: parent-tier val bpb {old_bpb:.5f} (parent's last {parent['last_val_bpb']:.5f}), "
         f"this tier {bpb:.5f}")
     del parent
+if init_from == "branch":
+    log_event(dict(event="branch", iter=iter_num, tokens=tokens_total, flops=flops_total, branch_from=branch_from))
 
 schedules = {g["gen"]: g for g in generations}
 end_iter = stage_start + max_iters
@@ -401,7 +521,9 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lrs[group["gen"]]
 
-    if ((iter_num % eval_interval == 0 or iter_num == end_iter) and iter_num != resumed_at) or eval_only:
+    snapshot_due = snapshot_interval and iter_num % snapshot_interval == 0
+    if ((iter_num % eval_interval == 0 or iter_num == end_iter or snapshot_due) and iter_num != resumed_at) \
+            or eval_only:
         val_loss, last_val_bpb = evaluate(model, bins["val"], meta, eval_windows, block_size)
         best_val_bpb = last_val_bpb if best_val_bpb is None else min(best_val_bpb, last_val_bpb)
         log(f"iter {iter_num}: val loss {val_loss:.4f}, val bpb {last_val_bpb:.4f}")
@@ -415,9 +537,10 @@ while True:
     if iter_num >= end_iter:
         break
 
+    rows = draw_rows(iter_num)  # once per iteration: each micro-step takes its slice
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
-        x, y = get_batch(bins["train"], iter_num, micro)
+        x, y = get_batch(rows, micro)
         # sync gradients only on the last micro-step
         last_micro = micro == accum - 1
         if fsdp:
@@ -448,9 +571,10 @@ while True:
         train_loss = loss_sum.item() / grad_accum_steps  # this iteration's mean over micro-steps and ranks
         log(f"iter {iter_num}: loss {train_loss:.4f}, lr " + " ".join(f"g{g}={v:.2e}" for g, v in lrs.items())
             + f", {tok_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%, peak mem {peak_mem_gb:.1f} GiB")
+        ramp = {"old_tier_rows": sum(data is ramp_train for data, _ in rows) / len(rows)} if tier_ramp else {}
         log_event(dict(event="train", iter=iter_num, tokens=tokens_total, flops=flops_total,
                        lr=lrs, train_loss=train_loss, tok_per_s=tok_per_s, mfu=mfu,
-                       peak_mem_gb=peak_mem_gb))
+                       peak_mem_gb=peak_mem_gb, **ramp))
         t0, timed_iters = time.time(), 0
 
 if ddp:
