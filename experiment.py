@@ -1,155 +1,379 @@
 """
-Does growing pay? Runs the growth ladder, the same final shape from scratch, and the ablations,
-one lane per GPU in parallel, then reports val bits per byte against cumulative training FLOPs.
+Does growing pay? The study: named runs of train.py, a scratch frontier from cooldown branches, and
+every ladder measured against it.
 
-    python experiment.py run ladder scratch          # lane 1 on GPU 0, lane 2 on GPU 1
-    python experiment.py run ablations late          # the ablations branch from ladder_s2
-    python experiment.py report                      # -> assets/growth.png, assets/growth_results.json
+    python experiment.py list [REGIME]                       # the runs, with their train.py commands
+    python experiment.py run c/scratch c/ref --seeds=1337    # runs (and what they grow or branch from)
+    python experiment.py report                              # -> assets/study_results.json, assets/study_<regime>.png
 
-Every run is train.py with a config/exp_*.py file and a few overrides; a lane's runs go one
-after another because each grows the previous one's checkpoint.
+A run name is regime/variant/s<seed>/<part>; `run` takes whole names or prefixes (c/ref, c/ref/s1337).
+Runs go JOBS at a time on one GPU (small models leave it idle between kernels; more GPUs: one
+`run` per GPU with CUDA_VISIBLE_DEVICES), each as soon as the run it grows or branches from is done.
+A finished run's log.jsonl is copied to assets/study/, and the report reads only those copies, so it
+rebuilds from the repository alone.
+
+Scratch: a stable WSD run (no cooldown) at each peak LR, with snapshots at 1/4, 2/4, 3/4 and all of
+its budget (halves for the tiny regime); from each, a branch cools down for 20% more iterations. The branches' final evals are the
+frontier. A ladder's FLOPs ratio is its FLOPs over the FLOPs at which the frontier reaches its final
+bpb (linear in log FLOPs between branches; beyond the last branch, the last two extended, and said).
 """
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 
-OUT = "out/exp"
-S3 = "config/exp_stage3.py"
-grow_s2 = ["--grow_from=out/exp/ladder_s2/ckpt.pt"]
-RUNS = {  # name: (config, overrides)
-    "ladder_s1": ("config/exp_stage1.py", []),
-    "ladder_s2": ("config/exp_stage2.py", []),
-    "ladder_s3": (S3, []),
-    "scratch": ("config/exp_scratch.py", []),
-    # ablations of the last growth, on its schedule but shorter, compared with ladder_s3 at equal FLOPs
-    "reset_adam": (S3, grow_s2 + ["--reset_optimizer=True", "--max_iters=700"]),
-    "copy_layers": (S3, grow_s2 + ["--layer_init=copy", "--layer_place=interleave", "--max_iters=700"]),
-    "global_lr": (S3, grow_s2 + ["--lr_mode=global", "--max_iters=700"]),
-    # one late growth: stage 1 trained as long as the ladder's stages 1 and 2 (equal FLOPs), then stage 3
-    "late_s1": ("config/exp_stage1.py", ["--max_iters=4200", "--decay_iters=4200"]),
-    "late_s3": (S3, ["--grow_from=out/exp/late_s1/ckpt.pt"]),
+OUT, LOGS = "out/study", "assets/study"
+COOLDOWN = 0.2  # of the iterations before it
+
+# A regime: the final shape's config, the small one, the tiers' data, scratch's budget and peak LRs, and
+# the reference ladder (stage 1 iterations; stage 2 gets what is left of scratch's budget in FLOPs).
+REGIMES = {
+    "c": dict(  # compute-bound: the final shape sees its training text about once
+        final="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=800, branches=4,
+        lrs=(1e-3, 2e-3, 4e-3),
+        s1_iters=400, common=["--compile=False", "--eval_interval=100"]),
+    "tiny": dict(  # the CPU ladder, for the tests and a first look
+        final="config/tiny_stage2.py", small="config/tiny_stage1.py", scratch_iters=40, branches=2, lrs=(3e-3,),
+        s1_iters=20, common=["--eval_interval=10", "--eval_windows=16", "--log_interval=5"]),
 }
-LANES = {"ladder": ["ladder_s1", "ladder_s2", "ladder_s3"], "scratch": ["scratch"],
-         "ablations": ["reset_adam", "copy_layers", "global_lr"], "late": ["late_s1", "late_s3"]}
-ABLATIONS = ["reset_adam", "copy_layers", "global_lr", "late_s3"]
+# Ladder variants: each a list of stages (small or final shape, overrides, iterations as a multiple of the
+# regime's s1_iters); the last stage trains the final shape on what is left of scratch's budget in FLOPs and
+# cools down. A variant's first stages that equal the reference's are the reference's runs, shared.
+GROW = ["--init_from=grow"]
+LADDERS = {
+    "ref": [("small", [], 1), ("final", GROW, None)],
+    "cosine": [("small", ["--schedule=cosine", "--decay_iters={iters}"], 1),
+               ("final", [*GROW, "--schedule=cosine", "--decay_iters={iters}"], None)],
+    "head_zero": [("small", [], 1), ("final", [*GROW, "--head_init=zero"], None)],
+    "ramp100": [("small", [], 1), ("final", [*GROW, "--tier_ramp_iters=100"], None)],
+    "ramp300": [("small", [], 1), ("final", [*GROW, "--tier_ramp_iters=300"], None)],
+    "copy": [("small", [], 1), ("final", [*GROW, "--layer_init=copy", "--layer_place=interleave"], None)],
+    "stack": [("small", [], 1), ("final", [*GROW, "--layer_init=stack"], None)],
+    "old0.5": [("small", [], 1), ("final", [*GROW, "--old_lr_mult=0.5"], None)],
+    "old0.25": [("small", [], 1), ("final", [*GROW, "--old_lr_mult=0.25"], None)],
+    "new2x": [("small", [], 1), ("final", [*GROW, "--lr_mult=2.0"], None)],
+    "reset_adam": [("small", [], 1), ("final", [*GROW, "--reset_optimizer=True"], None)],
+    "short_s1": [("small", [], 0.5), ("final", GROW, None)],
+    "late": [("small", [], 2), ("final", GROW, None)],
+    "no_tiers": [("small", ["--vocab_size={v_final}", "--data_dir={tier_final}"], 1), ("final", GROW, None)],
+    # every tier change on the small model: half of stage 1 at the small tier, half at the final one
+    "tiers_small": [("small", [], 0.5), ("small", [*GROW, "--vocab_size={v_final}", "--data_dir={tier_final}"], 0.5),
+                    ("final", GROW, None)],
+}
 
 
-def lane_command(runs, extra):
-    cmds = [f"{sys.executable} train.py {RUNS[r][0]} --out_dir={OUT}/{r} {' '.join(RUNS[r][1] + extra)}"
-            for r in runs]
-    return " && ".join(cmds)
+def config_values(path, args=()):
+    """A config file's settings with --key=value overrides, as train.py would see them (shape keys only)."""
+    values = {}
+    exec(open(path).read(), {}, values)
+    for a in args:
+        k, v = a[2:].split("=", 1)
+        values[k] = v
+    return values
 
 
-def run(lanes, extra):
-    """Start each lane on its own GPU, wait for all, fail loudly if one fails."""
-    procs = []
-    for gpu, lane in enumerate(lanes):
-        os.makedirs(OUT, exist_ok=True)
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
-        log = open(f"{OUT}/lane_{lane}.log", "w")
-        procs.append((lane, subprocess.Popen(lane_command(LANES[lane], extra), shell=True, env=env,
-                                             stdout=log, stderr=subprocess.STDOUT)))
-    failed = [lane for lane, p in procs if p.wait() != 0]
+def flops_per_iter(path, args=()):
+    import torch
+    from model import GPT, GPTConfig
+    v = config_values(path, args)
+    shape = {k: int(v[k]) for k in ("vocab_size", "n_layer", "n_head", "head_dim", "ffn_hidden", "block_size")}
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**shape))
+    tokens = int(v.get("batch_size", 16)) * int(v.get("grad_accum_steps", 1)) * shape["block_size"]
+    return model.flops_per_token(shape["block_size"]) * tokens
+
+
+def train_args(name, config, args):
+    return [config, f"--out_dir={OUT}/{name}", *args]
+
+
+def runs(regime, seeds):
+    """{name: (train.py arguments, the run it starts from or None)} for every run of a regime."""
+    r = REGIMES[regime]
+    out, final, small = {}, r["final"], r["small"]
+    n, common, every = r["scratch_iters"], r["common"], r["scratch_iters"] // r["branches"]
+    target = n * flops_per_iter(final)  # every ladder spends scratch's stable budget
+    tier_final, v_final = config_values(final)["data_dir"], config_values(final)["vocab_size"]
+    for seed in seeds:
+        s = [f"--seed={seed}", *common]
+        for lr in r["lrs"]:
+            stable = f"{regime}/scratch_lr{lr:g}/s{seed}/stable"
+            out[stable] = (train_args(stable, final, [*s, "--init_from=scratch", f"--learning_rate={lr}",
+                                                      f"--max_iters={n}", "--cooldown_iters=0",
+                                                      f"--snapshot_interval={every}"]), None)
+            for k in range(every, n + 1, every):
+                cd = round(COOLDOWN * k)
+                name = f"{regime}/scratch_lr{lr:g}/s{seed}/cd{k}"
+                out[name] = (train_args(name, final, [*s, "--init_from=branch", f"--learning_rate={lr}",
+                                                      f"--branch_from={OUT}/{stable}/ckpt_{k}.pt",
+                                                      f"--max_iters={cd}", f"--cooldown_iters={cd}"]),
+                             stable)
+        made = {}  # stage spec (with the specs before it) -> run name: shared stages run once
+        for variant, stages in LADDERS.items():
+            parent, spent, prefix = None, 0, ()
+            for k, (shape, args, scale) in enumerate(stages, 1):
+                config = r[shape]
+                last = scale is None
+                fill = dict(v_final=v_final, tier_final=tier_final, iters=0)
+                iters = round((target - spent) / flops_per_iter(config, [a.format(**fill) for a in args])) if last \
+                    else round(scale * r["s1_iters"])
+                fill["iters"] = iters
+                args = [a.format(**fill) for a in args]
+                prefix += ((config, tuple(args), iters),)
+                name = made.get(prefix) or f"{regime}/{variant}/s{seed}/s{k}"
+                made.setdefault(prefix, name)
+                spent += iters * flops_per_iter(config, args)
+                if name not in out:
+                    cooldown = round(COOLDOWN * iters) if last else 0
+                    start = [f"--grow_from={OUT}/{parent}/ckpt.pt"] if parent else ["--init_from=scratch"]
+                    out[name] = (train_args(name, config, [*s, *start, f"--max_iters={iters}",
+                                                           f"--cooldown_iters={cooldown}", *args]), parent)
+                parent = name
+    return out
+
+
+def log_copy(name):
+    return os.path.join(LOGS, name.replace("/", "__") + ".jsonl")
+
+
+def finished(name, args):
+    """A run is done when its log ends with the eval at its last iteration (a branch or grow counts from its parent)."""
+    path = f"{OUT}/{name}/log.jsonl"
+    if not os.path.exists(path):
+        return False
+    events = [json.loads(line) for line in open(path)]
+    return any(e["event"] == "eval" for e in events) and os.path.exists(f"{OUT}/{name}/ckpt.pt") and \
+        f"--max_iters={events[-1]['iter'] - start_iter(events)}" in args
+
+
+def start_iter(events):
+    first = events[0]
+    return first["iter"] if first["event"] in ("grow", "branch") else 0
+
+
+def run(names, extra, jobs):
+    """Run the named runs (and what they start from), `jobs` at a time, each once its parent is done."""
+    todo = dict(names)
+    waiting, running, failed = dict(todo), {}, []
+    while waiting or running:
+        for name, (args, parent) in list(waiting.items()):
+            if len(running) >= jobs:
+                break
+            if parent in waiting or parent in running or parent in failed:
+                if parent in failed:
+                    failed.append(name)
+                    del waiting[name]
+                continue
+            del waiting[name]
+            if finished(name, args):
+                print(f"done already: {name}", flush=True)
+                continue
+            shutil.rmtree(f"{OUT}/{name}", ignore_errors=True)  # an unfinished run starts again
+            os.makedirs(f"{OUT}/{name}")
+            log = open(f"{OUT}/{name}/stdout.log", "w")
+            cmd = [sys.executable, "train.py", *args, *extra]
+            print(f"start {name}: {' '.join(cmd[1:])}", flush=True)
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time())
+        for name, (proc, t) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode:
+                failed.append(name)
+                print(f"FAILED {name} (exit {proc.returncode}): see {OUT}/{name}/stdout.log", flush=True)
+            else:
+                os.makedirs(LOGS, exist_ok=True)
+                shutil.copy(f"{OUT}/{name}/log.jsonl", log_copy(name))
+                print(f"finished {name} in {time.time() - t:.0f} s", flush=True)
+        time.sleep(0.5)
     if failed:
-        raise SystemExit(f"lanes {failed} failed: see {OUT}/lane_<name>.log")
+        raise SystemExit(f"{len(failed)} runs failed or were skipped: {', '.join(failed)}")
 
+
+# ---- report -------------------------------------------------------------------
 
 def read_log(name):
-    path = f"{OUT}/{name}/log.jsonl"
+    path = log_copy(name)
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
+def final_eval(name):
+    evals = [e for e in read_log(name) if e["event"] == "eval"]
+    return (evals[-1]["flops"], evals[-1]["val_bpb"]) if evals else None
+
+
+def frontier_flops(frontier, bpb):
+    """FLOPs at which the frontier (points by FLOPs, bpb falling) reaches bpb, linear in log FLOPs between
+    points; outside them, the nearest two extended. (flops, 'inside' | 'extrapolated')."""
+    f, b = np.log(frontier[:, 0]), frontier[:, 1]
+    i = next((j for j in range(1, len(b)) if b[j] <= bpb), None)
+    inside = i is not None and b[0] >= bpb
+    i = min(max(i or len(b) - 1, 1), len(b) - 1)
+    x = f[i - 1] + (bpb - b[i - 1]) / (b[i] - b[i - 1]) * (f[i] - f[i - 1])
+    return float(np.exp(x)), "inside" if inside else "extrapolated"
+
+
+def frontier_bpb(frontier, flops):
+    """The frontier's bpb at these FLOPs, linear in log FLOPs (the nearest two extended outside)."""
+    f, b = np.log(frontier[:, 0]), frontier[:, 1]
+    x = math.log(flops)
+    i = min(max(int(np.searchsorted(f, x)), 1), len(f) - 1)
+    inside = f[0] <= x <= f[-1]
+    return float(b[i - 1] + (x - f[i - 1]) / (f[i] - f[i - 1]) * (b[i] - b[i - 1])), \
+        "inside" if inside else "extrapolated"
+
+
+def parse(name):
+    regime, variant, seed, part = name.split("/")
+    return regime, variant, int(seed[1:]), part
+
+
+def spread(values):
+    return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)), n=len(values))
+
+
+def report(png_prefix):
+    names = sorted(f[:-len(".jsonl")].replace("__", "/") for f in os.listdir(LOGS)) if os.path.isdir(LOGS) else []
+    if not names:
+        raise SystemExit(f"no study logs in {LOGS}; run `python experiment.py run ...` first")
+    results = {"regimes": {}, "runs": [], "candidates": {}}
+    for regime in sorted({parse(n)[0] for n in names}):
+        mine = [n for n in names if parse(n)[0] == regime]
+        # scratch: the frontier of each peak LR (its branches' final evals, mean over seeds)
+        sweeps = {}
+        for n in mine:
+            _, variant, seed, part = parse(n)
+            if variant.startswith("scratch_lr") and part.startswith("cd") and final_eval(n):
+                sweeps.setdefault(variant, {}).setdefault(int(part[2:]), []).append((seed, *final_eval(n)))
+        if not sweeps:
+            continue
+        frontiers = {v: np.array([(np.mean([f for _, f, _ in pts]), np.mean([b for _, _, b in pts]))
+                                  for _, pts in sorted(points.items())]) for v, points in sweeps.items()}
+        best = min(frontiers, key=lambda v: frontiers[v][-1, 1])  # the lowest bpb at the largest budget
+        frontier = frontiers[best]
+        results["regimes"][regime] = dict(
+            scratch_best=best, frontier=frontier.tolist(),
+            frontier_seeds={str(k): [dict(seed=s, flops=f, bpb=b) for s, f, b in pts]
+                            for k, pts in sorted(sweeps[best].items())},
+            lr_sweep={v: fr[:, 1].tolist() for v, fr in sorted(frontiers.items())})
+        for n in mine:
+            _, variant, seed, part = parse(n)
+            later = [m for m in mine if m.startswith(f"{regime}/{variant}/s{seed}/s") and m > n]
+            if variant.startswith("scratch") or not part.startswith("s") or later or not final_eval(n):
+                continue  # only a ladder's last stage
+            flops, bpb = final_eval(n)
+            equal, where = frontier_flops(frontier, bpb)
+            gap_ref, where_gap = frontier_bpb(frontier, flops)
+            results["runs"].append(dict(regime=regime, variant=variant, seed=seed, run=n, flops=flops, val_bpb=bpb,
+                                        flops_ratio=flops / equal, ratio_is=where, bpb_gap=bpb - gap_ref,
+                                        gap_is=where_gap))
+        for variant in sorted({r["variant"] for r in results["runs"] if r["regime"] == regime}):
+            rs = [r for r in results["runs"] if r["regime"] == regime and r["variant"] == variant]
+            results["candidates"][f"{regime}/{variant}"] = dict(
+                flops_ratio=spread([r["flops_ratio"] for r in rs]), bpb_gap=spread([r["bpb_gap"] for r in rs]),
+                val_bpb=spread([r["val_bpb"] for r in rs]), seeds=sorted(r["seed"] for r in rs),
+                extrapolated=any(r["ratio_is"] == "extrapolated" for r in rs))
+        plot(regime, results, f"{png_prefix}_{regime}.png")
+    os.makedirs(os.path.dirname(png_prefix) or ".", exist_ok=True)
+    with open(f"{png_prefix}_results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    print_table(results)
+
+
+def print_table(results):
+    for regime, r in results["regimes"].items():
+        print(f"regime {regime}: scratch {r['scratch_best']}, frontier (FLOPs, bpb) "
+              + ", ".join(f"({f:.3g}, {b:.4f})" for f, b in r["frontier"]))
+        print(f"| candidate | seeds | val bpb | FLOPs ratio at equal quality | bpb gap at equal FLOPs |")
+        print("| --- | --- | ---: | ---: | ---: |")
+        rows = sorted((c for c in results["candidates"].items() if c[0].startswith(f"{regime}/")),
+                      key=lambda kv: kv[1]["flops_ratio"]["mean"])
+        for name, c in rows:
+            ratio, gap, bpb = c["flops_ratio"], c["bpb_gap"], c["val_bpb"]
+            print(f"| {name.split('/', 1)[1]} | {len(c['seeds'])} | {bpb['mean']:.4f} | {ratio['mean']:.3f} "
+                  f"({ratio['min']:.3f}-{ratio['max']:.3f}){' *' if c['extrapolated'] else ''} "
+                  f"| {gap['mean']:+.4f} ({gap['min']:+.4f} to {gap['max']:+.4f}) |")
+
+
 def curve(names):
-    """(flops, val_bpb) of every eval of these runs, in order of FLOPs."""
     pts = sorted((e["flops"], e["val_bpb"]) for n in names for e in read_log(n) if e["event"] == "eval")
     return np.array(pts).reshape(-1, 2)
 
 
-def flops_to_reach(c, bpb):
-    """FLOPs at which a curve first reaches bpb (linear between evals); None if it never does."""
-    hit = np.nonzero(c[:, 1] <= bpb)[0]
-    if len(hit) == 0:
-        return None
-    i = hit[0]
-    if i == 0:
-        return float(c[0, 0])
-    (f0, b0), (f1, b1) = c[i - 1], c[i]
-    return float(f0 + (b0 - bpb) / (b0 - b1) * (f1 - f0))
-
-
-def bpb_at(c, flops):
-    """A curve's bpb at given FLOPs (linear between evals); None outside its range."""
-    return float(np.interp(flops, c[:, 0], c[:, 1])) if len(c) and c[0, 0] <= flops <= c[-1, 0] else None
-
-
-def report(png):
-    if not any(len(curve([n])) for n in RUNS):  # nothing to plot: matplotlib fails on empty axes
-        raise SystemExit(f"no runs with evals in {OUT}; run `python experiment.py run ladder scratch` first")
-    ladder, scratch = curve(LANES["ladder"]), curve(["scratch"])
-    res = {"runs": {n: read_log(n) for n in RUNS if read_log(n)}}
-    if len(ladder) and len(scratch):
-        target = scratch[-1, 1]
-        reach = flops_to_reach(ladder, target)
-        res["headline"] = dict(
-            scratch_final_bpb=target, scratch_flops=scratch[-1, 0], ladder_final_bpb=ladder[-1, 1],
-            ladder_flops=ladder[-1, 0], ladder_flops_to_reach_scratch_final=reach,
-            fraction_of_scratch_flops=reach / scratch[-1, 0] if reach else None,
-            scratch_bpb_at_ladder_final_flops=bpb_at(scratch, ladder[-1, 0]))
-    res["ablations"] = {}
-    for name in ABLATIONS:
-        c = curve([name])
-        if len(c) and len(ladder):
-            res["ablations"][name] = dict(flops=c[-1, 0], bpb=c[-1, 1], ladder_bpb_at_equal_flops=bpb_at(ladder, c[-1, 0]))
-    res["growth"] = []
-    for name in RUNS:
-        log = read_log(name)
-        for g in (e for e in log if e["event"] == "grow"):
-            after = [e for e in log if e["event"] == "eval" and e["iter"] > g["iter"]]
-            back = next((e["iter"] - g["iter"] for e in after if e["val_bpb"] <= g["parent_val_bpb"]), None)
-            res["growth"].append(dict(run=name, iter=g["iter"], bpb_before=g["parent_val_bpb"],
-                                      bpb_after_parent_tier=g["parent_tier_val_bpb"], bpb_after=g["val_bpb"],
-                                      iters_to_recover=back))
-    with open(png.rsplit(".", 1)[0] + "_results.json", "w") as f:
-        json.dump(res, f, indent=1)
-    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
-    plot(png)
-
-
-def plot(png):
-    import matplotlib  # optional: only the plot needs it
+def plot(regime, results, png):
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    r = results["regimes"][regime]
     fig, ax = plt.subplots(figsize=(8, 5))
-    lines = {"ladder (3 stages)": LANES["ladder"], "scratch": ["scratch"], "reset Adam at growth": ["reset_adam"],
-             "copied layers": ["copy_layers"], "one global LR schedule": ["global_lr"],
-             "one late growth": ["late_s1", "late_s3"]}
-    lowest = np.inf
-    for label, names in lines.items():
-        c = curve(names)
-        if len(c):
-            ax.plot(c[:, 0], c[:, 1], marker=".", label=label)
-            lowest = min(lowest, c[:, 1].min())
-    ax.set_ylim(lowest - 0.03, 2.0)  # the spikes are vocabulary tier changes; their tops are in results.json
+    fr = np.array(r["frontier"])
+    ax.plot(fr[:, 0], fr[:, 1], "k-o", label=f"scratch frontier ({r['scratch_best']}, cooldown branches)")
+    for pts in r["frontier_seeds"].values():
+        ax.plot([p["flops"] for p in pts], [p["bpb"] for p in pts], "k.", alpha=0.4)
+    cands = {k.split("/", 1)[1]: v for k, v in results["candidates"].items() if k.startswith(f"{regime}/")}
+    best = min(cands, key=lambda v: cands[v]["flops_ratio"]["mean"]) if cands else None
+    shown = ["ref"] + ([best] if best != "ref" else [])  # the reference, and the best if it is another
+    for variant, color in zip(shown, ("C0", "C3")):
+        if variant not in cands:
+            continue
+        last = next(x["run"] for x in results["runs"] if x["regime"] == regime and x["variant"] == variant)
+        c = curve(stage_chain(last))
+        ax.plot(c[:, 0], c[:, 1], color=color, marker=".",
+                label=f"ladder {variant} (FLOPs ratio {cands[variant]['flops_ratio']['mean']:.2f})")
+    lows = [fr[:, 1].min()] + [c["val_bpb"]["min"] for c in cands.values()]
+    ax.set_ylim(min(lows) - 0.03, fr[:, 1].max() + 0.25)
     ax.set_xscale("log")
     ax.set_xlabel("cumulative training FLOPs")
-    ax.set_ylabel("val bits per byte (held-out Gutenberg books)")
+    ax.set_ylabel("val bits per byte (held-out books)")
+    ax.set_title(f"regime {regime}")
     ax.legend()
     ax.grid(alpha=0.3)
-    os.makedirs(os.path.dirname(png) or ".", exist_ok=True)
-    fig.savefig(png, dpi=120, bbox_inches="tight")
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+
+
+def stage_chain(name):
+    """A ladder's stages, from stage 1 to `name`, read off each log's grow event (grow_from names the parent)."""
+    chain = [name]
+    while (grow := next((e for e in read_log(chain[-1]) if e["event"] == "grow"), None)) is not None:
+        chain.append(os.path.relpath(os.path.dirname(grow["grow_from"]), OUT))
+    return chain[::-1]
 
 
 if __name__ == "__main__":
     cmd, *rest = sys.argv[1:] or ["help"]
-    lanes, extra = [a for a in rest if not a.startswith("--")], [a for a in rest if a.startswith("--")]
-    if cmd == "run" and lanes and all(lane in LANES for lane in lanes):
-        run(lanes, extra)
+    words, flags = [a for a in rest if not a.startswith("--")], [a for a in rest if a.startswith("--")]
+    mine = ("--seeds", "--jobs", "--out", "--logs")
+    ours = dict(f[2:].split("=", 1) for f in flags if f.split("=")[0] in mine)
+    extra = [f for f in flags if f.split("=")[0] not in mine]  # passed on to train.py
+    OUT, LOGS = ours.get("out", OUT), ours.get("logs", LOGS)
+    seeds = [int(s) for s in ours.get("seeds", "1337").split(",")]
+    everything = {n: v for regime in REGIMES for n, v in runs(regime, seeds).items()}
+    if cmd == "list":
+        for name, (args, _) in everything.items():
+            if not words or any(name.startswith(w) for w in words):
+                print(f"{name}: python train.py {' '.join(args)}")
+    elif cmd == "run" and words:
+        chosen = {n: v for n, v in everything.items() if any(n.startswith(w) for w in words)}
+        if not chosen:
+            raise SystemExit(f"no run is named or starts with {words}; see `python experiment.py list`")
+        while True:  # with the runs they start from
+            parents = {p for _, p in chosen.values() if p and p not in chosen}
+            if not parents:
+                break
+            chosen.update({p: everything[p] for p in parents})
+        run({n: chosen[n] for n in everything if n in chosen}, extra, int(ours.get("jobs", 1)))
     elif cmd == "report":
-        report(extra[0].split("=", 1)[1] if extra else "assets/growth.png")
+        report(os.path.join(os.path.dirname(LOGS.rstrip("/")), "study"))  # beside the logs' folder
     else:
-        raise SystemExit(f"usage: python experiment.py run LANE... [--train_key=value] | report [--png=PATH]; "
-                         f"lanes: {', '.join(LANES)}")
+        raise SystemExit("usage: python experiment.py list [PREFIX...] | run NAME_OR_PREFIX... [--seeds=1337,2024] "
+                         "[--jobs=4] [--train_key=value ...] | report  (both take --out=DIR --logs=DIR)")

@@ -503,7 +503,7 @@ if init_from == "grow":  # function preservation in practice: the parent's tier,
     parent_windows = pc.get("eval_windows") or pc["eval_iters"] * pc["batch_size"]  # before eval_windows existed
     old_loss, old_bpb = evaluate(model, parent_bins["val"], parent_meta, parent_windows, pc["block_size"])
     loss, bpb = evaluate(model, bins["val"], meta, eval_windows, block_size)
-    log_event(dict(event="grow", iter=iter_num, tokens=tokens_total, flops=flops_total,
+    log_event(dict(event="grow", iter=iter_num, tokens=tokens_total, flops=flops_total, grow_from=grow_from,
                    parent_tier_val_bpb=old_bpb, parent_val_bpb=parent["last_val_bpb"], val_loss=loss, val_bpb=bpb))
     log(f"after growth: parent-tier val bpb {old_bpb:.5f} (parent's last {parent['last_val_bpb']:.5f}), "
         f"this tier {bpb:.5f}")
