@@ -37,7 +37,7 @@ REGIMES = {
     "c": dict(  # compute-bound: the final shape sees its training text about once
         final="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=800, branches=4,
         lrs=(1e-3, 2e-3, 4e-3),
-        s1_iters=400, common=["--compile=False", "--eval_interval=100"]),
+        s1_iters=400, common=["--eval_interval=100"]),
     "tiny": dict(  # the CPU ladder, for the tests and a first look
         final="config/tiny_stage2.py", small="config/tiny_stage1.py", scratch_iters=40, branches=2, lrs=(3e-3,),
         s1_iters=20, common=["--eval_interval=10", "--eval_windows=16", "--log_interval=5"]),
