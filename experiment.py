@@ -59,6 +59,8 @@ LADDERS = {
     "old0.25": [("small", [], 1), ("final", [*GROW, "--old_lr_mult=0.25"], None)],
     "new2x": [("small", [], 1), ("final", [*GROW, "--lr_mult=2.0"], None)],
     "reset_adam": [("small", [], 1), ("final", [*GROW, "--reset_optimizer=True"], None)],
+    # the two learning-rate levers that helped most when screened, together
+    "new2x_old0.5": [("small", [], 1), ("final", [*GROW, "--lr_mult=2.0", "--old_lr_mult=0.5"], None)],
     "short_s1": [("small", [], 0.5), ("final", GROW, None)],
     "late": [("small", [], 2), ("final", GROW, None)],
     "no_tiers": [("small", ["--vocab_size={v_final}", "--data_dir={tier_final}"], 1), ("final", GROW, None)],
