@@ -241,7 +241,8 @@ def spread(values):
 
 
 def report(png_prefix):
-    names = sorted(f[:-len(".jsonl")].replace("__", "/") for f in os.listdir(LOGS)) if os.path.isdir(LOGS) else []
+    names = sorted(f[:-len(".jsonl")].replace("__", "/") for f in os.listdir(LOGS) if f.endswith(".jsonl")) \
+        if os.path.isdir(LOGS) else []
     if not names:
         raise SystemExit(f"no study logs in {LOGS}; run `python experiment.py run ...` first")
     results = {"regimes": {}, "runs": [], "candidates": {}}
