@@ -28,7 +28,8 @@ import time
 
 import numpy as np
 
-OUT, LOGS = "out/study", "assets/study"
+OUT, LOGS = "out/study", "assets/study"  # relative to the folder it runs in (which holds data/)
+HERE = os.path.dirname(os.path.abspath(__file__))
 COOLDOWN = 0.2  # of the iterations before it
 
 # A regime: the final shape's config, the small one, the tiers' data, scratch's budget and peak LRs, and
@@ -70,10 +71,15 @@ LADDERS = {
 }
 
 
+def repo_path(path):
+    """A path in this repository, as seen from where experiment.py runs."""
+    return os.path.relpath(os.path.join(HERE, path))
+
+
 def config_values(path, args=()):
     """A config file's settings with --key=value overrides, as train.py would see them (shape keys only)."""
     values = {}
-    exec(open(path).read(), {}, values)
+    exec(open(repo_path(path)).read(), {}, values)
     for a in args:
         k, v = a[2:].split("=", 1)
         values[k] = v
@@ -92,7 +98,7 @@ def flops_per_iter(path, args=()):
 
 
 def train_args(name, config, args):
-    return [config, f"--out_dir={OUT}/{name}", *args]
+    return [repo_path(config), f"--out_dir={OUT}/{name}", *args]
 
 
 def runs(regime, seeds):
@@ -179,7 +185,7 @@ def run(names, extra, jobs):
             shutil.rmtree(f"{OUT}/{name}", ignore_errors=True)  # an unfinished run starts again
             os.makedirs(f"{OUT}/{name}")
             log = open(f"{OUT}/{name}/stdout.log", "w")
-            cmd = [sys.executable, "train.py", *args, *extra]
+            cmd = [sys.executable, repo_path("train.py"), *args, *extra]
             print(f"start {name}: {' '.join(cmd[1:])}", flush=True)
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time())
         for name, (proc, t) in list(running.items()):

@@ -1,0 +1,59 @@
+"""
+experiment.py end to end on the CPU: the tiny regime's scratch frontier (a stable run, two cooldown
+branches) and the reference ladder, run as the study runs them, then the report's FLOPs ratio.
+
+    python -m pytest -q test_experiment.py          (about a minute on 2 cores)
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from test_train import LLAMA2, data  # noqa: F401 (the fixture)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def experiment(cwd, *args):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "experiment.py"), *args], cwd=cwd, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def study(data, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("study")
+    (root / "data").mkdir()
+    os.symlink(data, root / "data" / "tinyshakespeare")  # where the tiny configs look
+    experiment(root, "run", "tiny/scratch", "tiny/ref", "--jobs=2", f"--tokenizer={LLAMA2}", "--compile=False")
+    return root
+
+
+def test_report_gives_a_flops_ratio_against_a_two_branch_frontier(study):
+    out = experiment(study, "report")
+    results = json.loads((study / "assets" / "study_results.json").read_text())
+    frontier = np.array(results["regimes"]["tiny"]["frontier"])
+    assert frontier.shape == (2, 2) and frontier[0, 0] < frontier[1, 0]
+    # the branches cooled down for 20% more: 10 + 2 and 20 + 4 iterations of the stable run's FLOPs per iteration
+    stable = [json.loads(line) for line in open(study / "assets" / "study" / "tiny__scratch_lr0.003__s1337__stable.jsonl")]
+    per_iter = stable[-1]["flops"] / stable[-1]["iter"]
+    assert frontier[:, 0] == pytest.approx([24 * per_iter, 48 * per_iter])
+    (run,) = results["runs"]
+    assert run["variant"] == "ref" and run["flops"] == pytest.approx(40 * per_iter, rel=0.02)  # scratch's budget
+    # the ratio: the ladder's FLOPs over the frontier's FLOPs at the ladder's bpb (log-linear between branches)
+    (f0, b0), (f1, b1) = frontier
+    reach = np.exp(np.log(f0) + (run["val_bpb"] - b0) / (b1 - b0) * (np.log(f1) - np.log(f0)))
+    assert run["flops_ratio"] == pytest.approx(run["flops"] / reach, rel=1e-9)
+    assert run["ratio_is"] == ("inside" if b1 <= run["val_bpb"] <= b0 else "extrapolated")
+    assert f"| ref | 1 | {run['val_bpb']:.4f} | {run['flops_ratio']:.3f}" in out
+    assert (study / "assets" / "study_tiny.png").exists()
+
+
+def test_a_finished_run_is_not_run_again(study):
+    out = experiment(study, "run", "tiny/ref", "--jobs=2", f"--tokenizer={LLAMA2}", "--compile=False")
+    assert out.count("done already") == 2 and "start" not in out
