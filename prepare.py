@@ -253,14 +253,22 @@ def read_txt(path, doc_sep, whole_file):
 def read_jsonl(path):
     offset = 0
     with OPENERS.get(os.path.splitext(path)[1], open)(path, 'rb') as f:
-        for line in f:
+        for number, line in enumerate(f, 1):  # blank lines count, so the number is the one an editor shows
             text = utf8(codecs.getincrementaldecoder('utf-8')(), line, path, offset, final=True)
             offset += len(line)
-            if text.strip():
-                doc = json.loads(text)
-                if 'text' not in doc:
-                    raise PrepareError(f'{path}: a line near byte {offset} has no "text" field; give every line one')
-                yield doc.get('pg_id'), doc['text']
+            if not text.strip():
+                continue
+            try:
+                doc = json.loads(text.rstrip('\r\n'))  # a line cut mid-string reads as unterminated, not as a newline in it
+            except json.JSONDecodeError as e:
+                raise PrepareError(f'{path} line {number} is not JSON ({e.msg} at column {e.colno}); '
+                                   'fix or remove that line') from None
+            if not isinstance(doc, dict) or 'text' not in doc:
+                raise PrepareError(f'{path} line {number} has no "text" field; give every line one')
+            if not isinstance(doc['text'], str):
+                raise PrepareError(f'{path} line {number}: "text" is {json.dumps(doc["text"])[:40]}, not a string; '
+                                   'make it a string')
+            yield doc.get('pg_id'), doc['text']
 
 # -----------------------------------------------------------------------------
 # workers tokenize batches of documents for every tier at once: the text is read and sent once

@@ -190,6 +190,21 @@ def test_input_errors(tmp_path):
         prepare.prepare(str(tmp_path / 'empty.txt'), LLAMA2, [4096], str(tmp_path / 'out'), workers=1)
     assert not os.path.exists(tmp_path / 'out' / 'llama2_v4096' / 'train.bin')
 
+BAD_JSONL = [  # (line 4, after a good line and two blank ones, the message)
+    ('{"text": "cut', r'line 4 is not JSON \(Unterminated string'),
+    ('["a list"]', 'line 4 has no "text" field'),
+    ('{"title": "no text"}', 'line 4 has no "text" field'),
+    ('{"text": 42}', 'line 4: "text" is 42, not a string'),
+    ('{"text": null}', 'line 4: "text" is null, not a string'),
+]
+
+@pytest.mark.parametrize('line, message', BAD_JSONL)
+def test_bad_jsonl_line_is_one_line_naming_it(tmp_path, line, message):
+    (tmp_path / 'in.jsonl').write_text('{"text": "fine"}\n\n  \n' + line + '\n{"text": "also fine"}\n')
+    with pytest.raises(PrepareError, match=message) as e:
+        prepare.prepare(str(tmp_path / 'in.jsonl'), LLAMA2, [512], str(tmp_path / 'out'), workers=1)
+    assert str(e.value).startswith(str(tmp_path / 'in.jsonl')) and '\n' not in str(e.value)
+
 def test_offline_download_fails_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'CACHE', str(tmp_path))
     monkeypatch.setattr(prepare, 'LLAMA2_URL', 'http://127.0.0.1:9/tokenizer.model')  # nothing listens there
