@@ -15,7 +15,7 @@ $ python prepare.py --dataset gutenberg --input ../shared/assets/gutenberg_en.js
 $ python prepare.py --input my_texts/ --tokenizer gpt2 --tiers 8192 50257
 $ python prepare.py --inspect data/tinyshakespeare/llama2_v4096
 """
-import argparse, base64, codecs, gzip, hashlib, json, lzma, math, os, re, sys, time
+import argparse, base64, codecs, contextlib, gzip, hashlib, json, lzma, math, os, re, sys, time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
@@ -259,7 +259,7 @@ def read_jsonl(path):
             if not text.strip():
                 continue
             try:
-                doc = json.loads(text.rstrip('\r\n'))  # a line cut mid-string reads as unterminated, not as a newline in it
+                doc = json.loads(text.rstrip('\r\n'))  # a line cut mid-string: 'unterminated', not 'newline'
             except json.JSONDecodeError as e:
                 raise PrepareError(f'{path} line {number} is not JSON ({e.msg} at column {e.colno}); '
                                    'fix or remove that line') from None
@@ -311,6 +311,23 @@ def batches(docs, val_fraction, val_ids, found_ids, chars=1 << 20):
     if batch:
         yield batch
 
+@contextlib.contextmanager
+def writing(out_dir):
+    """An OSError while writing the output (a read-only disk, a file in the way, a full disk) in one line."""
+    try:
+        yield
+    except OSError as e:
+        raise PrepareError(f'cannot write {e.filename or out_dir}: {e.strerror or e}; '
+                           'pass an --out_dir on a writable disk with free space') from None
+
+def missing_dirs(path):
+    """The folders os.makedirs(path) would create, deepest first: a failed run removes them again."""
+    path, missing = os.path.abspath(path), []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
 def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, doc_sep=BLANK_LINE,
             whole_file=False, workers=None, gpt2_ranks=None):
     """Write out_dir/<name>_v<N>/{train,val}.bin and meta.json for every tier; skip tiers already complete."""
@@ -328,12 +345,13 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
         print(f'{dirs[n]} is complete, skipping')
     if not todo:
         return
-    files = {}
+    files, created = {}, sorted({d for n in todo for d in missing_dirs(dirs[n])}, key=len, reverse=True)
     try:  # until the new bins are complete, a finished tier stays as it was
-        for n in todo:
-            os.makedirs(dirs[n], exist_ok=True)
-            for s in ('train', 'val'):  # write under a temporary name, renamed when complete
-                files[n, s] = open(os.path.join(dirs[n], f'{s}.bin.tmp'), 'wb')
+        with writing(out_dir):
+            for n in todo:
+                os.makedirs(dirs[n], exist_ok=True)
+                for s in ('train', 'val'):  # write under a temporary name, renamed when complete
+                    files[n, s] = open(os.path.join(dirs[n], f'{s}.bin.tmp'), 'wb')
         counts = {s: dict(documents=0, bytes=0) for s in ('train', 'val')}
         tokens = {(n, s): 0 for n in todo for s in ('train', 'val')}
         seconds = {n: 0.0 for n in todo}
@@ -346,7 +364,8 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
                 counts[s]['documents'] += n_docs
                 counts[s]['bytes'] += n_bytes
                 for n, arr in ids.items():
-                    arr.tofile(files[n, s])
+                    with writing(out_dir):
+                        arr.tofile(files[n, s])
                     tokens[n, s] += len(arr)
             for n in secs:
                 seconds[n] += secs[n]
@@ -361,8 +380,9 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
                     write(pending.popleft())
             while pending:
                 write(pending.popleft())
-        for f in files.values():
-            f.close()
+        with writing(out_dir):  # close flushes the last blocks
+            for f in files.values():
+                f.close()
         if counts['train']['documents'] + counts['val']['documents'] == 0:
             raise PrepareError(f'{input} has no documents; pass a non-empty input')
         if set(val_ids or ()) - found_ids:
@@ -371,25 +391,32 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
             if counts[s]['documents'] == 0:
                 raise PrepareError(f'the {s} split has no documents; give more documents or change --val_fraction')
         elapsed = time.time() - t0
-        for n in todo:
-            if os.path.exists(os.path.join(dirs[n], 'meta.json')):
-                os.remove(os.path.join(dirs[n], 'meta.json'))  # the old bins stop counting as complete as they change
-            for s in ('train', 'val'):
-                os.replace(os.path.join(dirs[n], f'{s}.bin.tmp'), os.path.join(dirs[n], f'{s}.bin'))
-            # tokens counts the BOS ids too: bits per byte takes the loss over all predicted positions
-            meta = dict(tokenizer=toks[n].name, tokenizer_sha256=toks[n].sha256, vocab_size=n, bos_id=toks[n].bos_id,
-                        **{s: dict(tokens=tokens[n, s], **counts[s]) for s in ('train', 'val')}, source=source, split=split)
-            with open(os.path.join(dirs[n], 'meta.json.tmp'), 'w') as f:
-                json.dump(meta, f, indent=1)
-            os.replace(os.path.join(dirs[n], 'meta.json.tmp'), os.path.join(dirs[n], 'meta.json'))
-            total = tokens[n, 'train'] + tokens[n, 'val']
-            print(f'{dirs[n]}: {total:,} tokens, {(counts["train"]["bytes"] + counts["val"]["bytes"]) / total:.3f} '
-                  f'bytes/token, {total / seconds[n]:,.0f} tokens/s per worker')
-    finally:  # a failed run leaves no temporary files; a completed one has renamed them
+        with writing(out_dir):
+            for n in todo:
+                if os.path.exists(os.path.join(dirs[n], 'meta.json')):
+                    os.remove(os.path.join(dirs[n], 'meta.json'))  # the old bins stop counting as complete
+                for s in ('train', 'val'):
+                    os.replace(os.path.join(dirs[n], f'{s}.bin.tmp'), os.path.join(dirs[n], f'{s}.bin'))
+                # tokens counts the BOS ids too: bits per byte takes the loss over all predicted positions
+                meta = dict(tokenizer=toks[n].name, tokenizer_sha256=toks[n].sha256, vocab_size=n,
+                            bos_id=toks[n].bos_id, source=source, split=split,
+                            **{s: dict(tokens=tokens[n, s], **counts[s]) for s in ('train', 'val')})
+                with open(os.path.join(dirs[n], 'meta.json.tmp'), 'w') as f:
+                    json.dump(meta, f, indent=1)
+                os.replace(os.path.join(dirs[n], 'meta.json.tmp'), os.path.join(dirs[n], 'meta.json'))
+                total = tokens[n, 'train'] + tokens[n, 'val']
+                print(f'{dirs[n]}: {total:,} tokens, {(counts["train"]["bytes"] + counts["val"]["bytes"]) / total:.3f} '
+                      f'bytes/token, {total / seconds[n]:,.0f} tokens/s per worker')
+    finally:  # a failed run leaves no temporary files or new empty folders; a completed one has renamed them
         for f in files.values():
-            f.close()
-            if os.path.exists(f.name):
-                os.remove(f.name)
+            with contextlib.suppress(OSError):  # a full disk fails the flush again: the file goes anyway
+                f.close()
+        for path in [f.name for f in files.values()] + [os.path.join(dirs[n], 'meta.json.tmp') for n in todo]:
+            if os.path.exists(path):
+                os.remove(path)
+        for d in created:
+            with contextlib.suppress(OSError):  # not empty: a tier this run completed
+                os.rmdir(d)
     print(f'{len(todo)} tiers in {elapsed:.1f}s wall with {workers} workers')
 
 def eval_window_starts(n_tokens, n_windows, block_size):

@@ -1,5 +1,5 @@
 """Tests for prepare.py: exact round trips in every tier, the shared split, errors, interrupted writes."""
-import base64, collections, json, lzma, os, random, re
+import base64, collections, errno, json, lzma, os, random, re
 import numpy as np
 import pytest
 import prepare
@@ -204,6 +204,31 @@ def test_bad_jsonl_line_is_one_line_naming_it(tmp_path, line, message):
     with pytest.raises(PrepareError, match=message) as e:
         prepare.prepare(str(tmp_path / 'in.jsonl'), LLAMA2, [512], str(tmp_path / 'out'), workers=1)
     assert str(e.value).startswith(str(tmp_path / 'in.jsonl')) and '\n' not in str(e.value)
+
+def test_output_in_the_way_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / 'in.txt').write_text('one\n\ntwo')
+    (tmp_path / 'out').write_text('a file, not a folder')
+    with pytest.raises(PrepareError, match=r'cannot write .*out/llama2_v512: Not a directory; pass an --out_dir') as e:
+        prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [512], str(tmp_path / 'out'), workers=1)
+    assert '\n' not in str(e.value) and (tmp_path / 'out').read_text() == 'a file, not a folder'
+    assert sorted(os.listdir(tmp_path)) == ['in.txt', 'out']
+
+@pytest.mark.parametrize('fails', ['makedirs', 'open'])
+def test_read_only_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, fails):
+    """A read-only disk (simulated: the tests may run as root, whom chmod does not stop): the folder or
+    the first bin cannot be made. The folders made before it are removed again."""
+    (tmp_path / 'in.txt').write_text('one\n\ntwo')
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    real_open = open
+    if fails == 'makedirs':
+        monkeypatch.setattr(os, 'makedirs', read_only)
+    else:  # prepare.py writes its bins with open(..., 'wb')
+        monkeypatch.setattr(prepare, 'open', lambda path, mode='r', *a, **k: read_only(path) if 'w' in mode
+                            else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(PrepareError, match=r'cannot write .*: Read-only file system; pass an --out_dir on a writable'):
+        prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [512], str(tmp_path / 'data' / 'out'), workers=1)
+    assert os.listdir(tmp_path) == ['in.txt']
 
 def test_offline_download_fails_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'CACHE', str(tmp_path))
