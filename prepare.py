@@ -275,9 +275,20 @@ def read_jsonl(path):
 
 _tokenizers = None
 
-def init_worker(spec, tiers, gpt2_ranks):
+def init_worker(spec, tiers, gpt2_ranks, parent_pid):
     global _tokenizers
+    die_with_parent(parent_pid)
     _tokenizers = {n: load_tokenizer(spec, n, gpt2_ranks) for n in tiers}
+
+def die_with_parent(parent_pid):
+    """A killed prepare.py runs no cleanup (SIGKILL, the OOM killer): ask Linux to kill this worker with it,
+    or it would go on tokenizing for nobody. Elsewhere the pool's own shutdown is all there is."""
+    if sys.platform.startswith('linux'):
+        import ctypes, signal
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+            os._exit(1)
 
 def encode_batch(batch):
     """[(split, text)] -> {split: (documents, utf8 bytes, {tier: uint16 ids with a BOS per document})}, seconds per tier"""
@@ -371,7 +382,8 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
                 seconds[n] += secs[n]
 
         # the workers load the tokenizer as this process did (a download is cached by now)
-        with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(tokenizer, todo, gpt2_ranks)) as pool:
+        with ProcessPoolExecutor(workers, initializer=init_worker,
+                                 initargs=(tokenizer, todo, gpt2_ranks, os.getpid())) as pool:
             pending = deque()  # a few batches in flight keep every worker busy and memory bounded
             docs = read_documents(input, doc_sep, whole_file)
             for batch in batches(docs, val_fraction, set(val_ids or ()), found_ids):

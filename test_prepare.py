@@ -1,5 +1,5 @@
 """Tests for prepare.py: exact round trips in every tier, the shared split, errors, interrupted writes."""
-import base64, collections, errno, json, lzma, os, random, re
+import base64, collections, errno, json, lzma, os, random, re, signal, subprocess, sys, time
 import numpy as np
 import pytest
 import prepare
@@ -323,3 +323,55 @@ def test_a_tokenizer_other_than_the_recorded_one_is_refused():
     assert load_tokenizer(LLAMA2, 512, sha256=right.sha256).sha256 == right.sha256
     with pytest.raises(PrepareError, match='is not the tokenizer file the data or checkpoint was made with'):
         load_tokenizer(LLAMA2, 512, sha256='0' * 64)
+
+
+def descendants(pid):
+    """Pids of the live processes below pid (from /proc: each stat holds the parent's pid)."""
+    children = collections.defaultdict(list)
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            state, ppid = open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue  # not a process, or gone
+        if state != 'Z':
+            children[int(ppid)].append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found += children[todo[-1]]
+        todo += children[todo.pop()]
+    return found
+
+
+def alive(pid):
+    try:
+        return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux only')
+def test_killed_prepare_takes_its_workers_with_it(tmp_path):
+    with open(tmp_path / 'big.txt', 'w', encoding='utf-8') as f:  # 20 MB: tokenizing takes far longer than the test
+        f.write(open(SHAKESPEARE, encoding='utf-8').read() * 20)
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), 'prepare.py'), '--input',
+                             str(tmp_path / 'big.txt'), '--tokenizer', LLAMA2, '--tiers', '512', '4096',
+                             '--out_dir', str(tmp_path / 'out'), '--workers', '2'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 60
+        while len(workers := descendants(proc.pid)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert len(workers) >= 2, 'the workers never started'
+        time.sleep(1)  # past the workers' start-up
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while any(map(alive, workers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(alive, workers)), f'workers {[w for w in workers if alive(w)]} outlived prepare.py'
+    finally:
+        proc.kill()
+        for w in workers:  # the test's own cleanup, when it failed
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
