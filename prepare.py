@@ -208,6 +208,11 @@ def load_tokenizer(path_or_name, vocab_size, gpt2_ranks=None, sha256=None):
                            f'(sha256 {sha256[:12]}...); pass the right --tokenizer')
     return tok
 
+def tokenizer_record(spec):
+    """What meta.json records of --tokenizer: a name prepare.py knows, or the file's absolute path, so that
+    train.py, grow.py, sample.py and export.py find the same file from any folder without --tokenizer."""
+    return spec if spec in ('llama2', 'gpt2') else os.path.abspath(spec) if spec else 'llama2'
+
 # -----------------------------------------------------------------------------
 # documents: streamed from .txt, .jsonl, .jsonl.xz, .json.gz files or a folder of them
 
@@ -410,7 +415,7 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
                 for s in ('train', 'val'):
                     os.replace(os.path.join(dirs[n], f'{s}.bin.tmp'), os.path.join(dirs[n], f'{s}.bin'))
                 # tokens counts the BOS ids too: bits per byte takes the loss over all predicted positions
-                meta = dict(tokenizer=toks[n].name, tokenizer_sha256=toks[n].sha256, vocab_size=n,
+                meta = dict(tokenizer=tokenizer_record(tokenizer), tokenizer_sha256=toks[n].sha256, vocab_size=n,
                             bos_id=toks[n].bos_id, source=source, split=split,
                             **{s: dict(tokens=tokens[n, s], **counts[s]) for s in ('train', 'val')})
                 with open(os.path.join(dirs[n], 'meta.json.tmp'), 'w') as f:

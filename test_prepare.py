@@ -35,7 +35,7 @@ def test_shakespeare_every_tier(tmp_path, toks):
     for n in TIERS:
         tier_dir = tmp_path / f'llama2_v{n}'
         meta = json.loads((tier_dir / 'meta.json').read_text())
-        assert (meta['vocab_size'], meta['bos_id'], meta['tokenizer']) == (n, 1, 'llama2')
+        assert (meta['vocab_size'], meta['bos_id'], meta['tokenizer']) == (n, 1, os.path.abspath(LLAMA2))
         for s in ('train', 'val'):
             got = bin_documents(tier_dir, s, 1)
             assert max(max(ids) for ids in got) < n
@@ -317,6 +317,18 @@ def test_inspect_a_folder_that_is_no_tier(tmp_path):
     with pytest.raises(PrepareError, match='has no meta.json: pass a tier folder'):
         prepare.inspect(str(tmp_path), LLAMA2)
 
+
+def test_a_tokenizer_given_by_path_is_recorded_by_absolute_path(tmp_path, monkeypatch):
+    """Later commands load meta.json's tokenizer from any folder, with no download (offline here)."""
+    monkeypatch.setattr(prepare, 'CACHE', str(tmp_path / 'empty_cache'))
+    monkeypatch.setattr(prepare, 'LLAMA2_URL', 'http://127.0.0.1:9/tokenizer.model')  # nothing listens there
+    (tmp_path / 'in.txt').write_text('one\n\ntwo\n\nthree')
+    monkeypatch.chdir(os.path.dirname(os.path.abspath(LLAMA2)))
+    prepare.prepare(str(tmp_path / 'in.txt'), os.path.basename(LLAMA2), [512], str(tmp_path), val_fraction=0.5, workers=1)
+    meta = json.loads((tmp_path / 'llama2_v512' / 'meta.json').read_text())
+    assert meta['tokenizer'] == os.path.abspath(LLAMA2)
+    monkeypatch.chdir(tmp_path)
+    assert load_tokenizer(meta['tokenizer'], 512, sha256=meta['tokenizer_sha256']).vocab_size == 512
 
 def test_a_tokenizer_other_than_the_recorded_one_is_refused():
     right = load_tokenizer(LLAMA2, 512)
