@@ -314,8 +314,50 @@ def test_inspect_refuses_a_bin_that_does_not_match_meta(tmp_path, split, damage,
 
 
 def test_inspect_a_folder_that_is_no_tier(tmp_path):
-    with pytest.raises(PrepareError, match='has no meta.json: pass a tier folder'):
+    with pytest.raises(PrepareError, match=r'no prepared data in .* \(no meta.json\): run prepare.py for that tier'):
         prepare.inspect(str(tmp_path), LLAMA2)
+
+
+@pytest.fixture
+def tier(tmp_path):
+    (tmp_path / 'in.txt').write_text('To be, or not to be.\n\nThat is the question.')
+    prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [4096], str(tmp_path), val_fraction=0.5, workers=1)
+    return tmp_path / 'llama2_v4096'
+
+
+def test_open_tier_gives_meta_and_bins(tier):
+    meta, bins = prepare.open_tier(str(tier))
+    assert meta == json.loads((tier / 'meta.json').read_text()) and set(bins) == {'train', 'val'}
+    for s, data in bins.items():
+        assert isinstance(data, np.memmap) and np.array_equal(data, np.fromfile(tier / f'{s}.bin', dtype=np.uint16))
+
+
+def without(key):
+    return lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != key})
+
+BROKEN_TIERS = [  # (file, what happens to it, the message): what a run checks before it trusts the bins
+    *[(f'{split}.bin', damage, message) for split, damage, message in DAMAGED_BINS],
+    ('meta.json', None, 'no prepared data in'),  # None: deleted
+    ('meta.json', lambda text: text[:40], r'meta.json is broken \(Unterminated string'),
+    ('meta.json', lambda text: '[1, 2]', r'meta.json is broken \(no "tokenizer"\)'),
+    ('meta.json', without('vocab_size'), r'meta.json is broken \(no "vocab_size"\)'),
+    ('val.bin', None, 'val.bin is missing'),
+    ('train.bin', lambda b: b * 2, 'train.bin has .* bytes but meta.json says'),
+]
+
+
+@pytest.mark.parametrize('name, damage, message', BROKEN_TIERS)
+def test_open_tier_refuses_a_tier_that_does_not_match_its_meta(tier, name, damage, message):
+    path = tier / name
+    if damage is None:
+        path.unlink()
+    elif name.endswith('.json'):
+        path.write_text(damage(path.read_text()))
+    else:
+        path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(PrepareError, match=message) as e:
+        prepare.open_tier(str(tier))
+    assert '\n' not in str(e.value) and 'run prepare.py' in str(e.value)
 
 
 def test_a_tokenizer_given_by_path_is_recorded_by_absolute_path(tmp_path, monkeypatch):
