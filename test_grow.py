@@ -229,9 +229,14 @@ def test_stacked_layers_copy_the_old_stack_in_order_and_train(seed):
     assert_every_row_and_column_moved(model, new)
 
 
+FAKE_SHA256 = "f" * 64  # the tokenizer file a FakeTokenizer stands for
+
+
 def write_checkpoint(model, path, optimizer=None):
     save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": asdict(model.config),
-                     "optimizer": optimizer or {}, "generations": [], "iter_num": 0}, path)
+                     "optimizer": optimizer or {}, "generations": [], "iter_num": 0,
+                     "data": {"tokenizer": "fake", "tokenizer_sha256": FAKE_SHA256,
+                              "vocab_size": model.config.vocab_size}}, path)
 
 
 def cli_shape(config):
