@@ -121,3 +121,34 @@ def test_the_recorded_tokenizer_needs_no_flag(ckpt_path, tmp_path, monkeypatch, 
     assert capsys.readouterr().out.startswith("ROMEO:")
     export.main(["--ckpt", str(path), "--out_dir", str(tmp_path / "hf")])
     assert (tmp_path / "hf" / "tokenizer.model").is_file()
+
+
+@pytest.mark.parametrize("flag, value", [("max_new_tokens", "-1"), ("top_k", "-5"), ("temperature", "-0.5"),
+                                         ("temperature", "nan")])
+def test_sample_refuses_a_negative_setting_in_one_line(ckpt_path, flag, value):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", ckpt_path, "--tokenizer", LLAMA2, f"--{flag}={value}", "--device", "cpu"])
+    assert e.value.code.startswith(f"sample.py: --{flag}={value} is not allowed; pass 0 ") and "\n" not in e.value.code
+
+
+def test_sample_allows_greedy_and_every_token(ckpt_path, capsys):
+    """temperature 0 is greedy and top_k 0 keeps every token: both are settings, not errors."""
+    for _ in range(2):
+        sample.main(["--ckpt", ckpt_path, "--tokenizer", LLAMA2, "--temperature=0", "--top_k=0", "--num_samples=1",
+                     "--max_new_tokens=5", "--device", "cpu"])
+    first, second = capsys.readouterr().out.split("\n")[0::2][:2]
+    assert first == second, "greedy is deterministic"
+
+
+def test_sample_and_export_refuse_a_non_finite_checkpoint(ckpt_path, tmp_path):
+    ckpt = load_checkpoint(ckpt_path)
+    bad = {k: v.clone() for k, v in ckpt["model"].items()}
+    bad["layers.0.ffn.w2.g1_cols"].view(-1)[0] = float("nan")
+    torch.save({**ckpt, "model": bad}, tmp_path / "nan.pt")  # save_checkpoint would refuse it: torch.save does not
+    for main, args in ((sample.main, ["--tokenizer", LLAMA2, "--device", "cpu"]),
+                       (export.main, ["--tokenizer", LLAMA2, "--out_dir", str(tmp_path / "hf")])):
+        with pytest.raises(SystemExit) as e:
+            main(["--ckpt", str(tmp_path / "nan.pt"), *args])
+        assert e.value.code == (f"{tmp_path / 'nan.pt'}: model.layers.0.ffn.w2.g1_cols holds NaN or inf (the run "
+                                "diverged); pass an earlier checkpoint")
+    assert not (tmp_path / "hf").exists()
