@@ -63,7 +63,7 @@ def schedule_args(s):
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    prepare(os.path.join(ASSETS, "tinyshakespeare.txt"), LLAMA2, [512, 1024], str(out), workers=1)
+    prepare(os.path.join(ASSETS, "tinyshakespeare.txt"), LLAMA2, [512, 1024, 4096], str(out), workers=1)
     return out
 
 
@@ -87,15 +87,14 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-def stage_args(data, k, parent=None, lr_mode="generation"):
+def stage_args(data, k, parent=None, lr_mode="generation", schedule=None):
     """Stage k (1, 2, 3) of the test ladder: 1 is tiny_stage1; 2 grows it on every axis (tiny_stage2);
-    3 grows stage 2 by one layer, same vocabulary."""
+    3 grows stage 2 by one layer, same vocabulary. schedule: its arguments (default: the cosine SCHEDULES')."""
+    schedule = schedule_args(SCHEDULES[k - 1]) if schedule is None else schedule
     if k == 1:
-        return ["config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, *schedule_args(SCHEDULES[0]),
-                f"--lr_mode={lr_mode}"]
+        return ["config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, *schedule, f"--lr_mode={lr_mode}"]
     return ["config/tiny_stage2.py", f"--data_dir={data / 'llama2_v1024'}", f"--grow_from={parent / 'ckpt.pt'}",
-            f"--tokenizer={LLAMA2}", *TINY, *schedule_args(SCHEDULES[k - 1]), f"--lr_mode={lr_mode}",
-            *(["--n_layer=4"] if k == 3 else [])]
+            f"--tokenizer={LLAMA2}", *TINY, *schedule, f"--lr_mode={lr_mode}", *(["--n_layer=4"] if k == 3 else [])]
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +104,35 @@ def ladder(data, tmp_path_factory):
     dirs = {k: root / f"s{k}" for k in (1, 2, 3)}
     for k in (1, 2, 3):
         train(dirs[k], *stage_args(data, k, dirs.get(k - 1)))
+    return dirs
+
+
+# the WSD ladder: the same shapes, each generation warms up from its birth and holds; stage 2 scales the
+# older generation by 0.8, stage 3 by 0.5 more (gen 0 at 0.4 there); stage 3's last 4 iterations cool every
+# generation down to its min_lr. Stage 1 has dropout and a snapshot at 3, to branch from.
+WSD = [dict(warmup=2, lr=3e-3, min_lr=3e-4, mult=1.0, old_lr_mult=1.0, cooldown=0),
+       dict(warmup=3, lr=2e-3, min_lr=2e-4, mult=0.5, old_lr_mult=0.8, cooldown=0),
+       dict(warmup=2, lr=1e-3, min_lr=1e-4, mult=1.0, old_lr_mult=0.5, cooldown=4)]
+
+
+def wsd_args(s):
+    return ["--schedule=wsd", f"--warmup_iters={s['warmup']}", f"--learning_rate={s['lr']}", f"--min_lr={s['min_lr']}",
+            f"--lr_mult={s['mult']}", f"--old_lr_mult={s['old_lr_mult']}", f"--cooldown_iters={s['cooldown']}",
+            f"--max_iters={STAGE_ITERS}"]
+
+
+def wsd_stage_args(data, k, parent=None):
+    extra = ["--dropout=0.1", "--snapshot_interval=3"] if k == 1 else []
+    return stage_args(data, k, parent, schedule=wsd_args(WSD[k - 1])) + extra
+
+
+@pytest.fixture(scope="session")
+def wsd_ladder(data, tmp_path_factory):
+    """The WSD ladder's three stages: {stage: out_dir}."""
+    root = tmp_path_factory.mktemp("wsd")
+    dirs = {k: root / f"s{k}" for k in (1, 2, 3)}
+    for k in (1, 2, 3):
+        train(dirs[k], *wsd_stage_args(data, k, dirs.get(k - 1)))
     return dirs
 
 
@@ -287,6 +315,79 @@ def test_global_lr_mode_gives_every_generation_the_stages_schedule(ladder, data,
     # the stage wrote its schedule into every generation's record, so a resume reads it back as it was
     assert load_checkpoint(dirs[3] / "ckpt.pt")["generations"] == [
         {**g, **expected_table()[2], "gen": g["gen"]} for g in expected_table()]
+
+
+def reference_wsd_lr(stages, gen, k, it, shape="linear"):
+    """WSD, written out again: generation gen (born at stage gen + 1) at iteration it of stage k (1-based) of
+    a ladder of STAGE_ITERS-iteration stages. Warmup (t+1)/(warmup+1) from the birth, then its lr; in stage
+    k's cooldown window [end - cooldown, end] from there to its min_lr, linear in (it - begin) / cooldown
+    (or its square root for '1-sqrt'); times its mult and every later stage's old_lr_mult up to k."""
+    s, birth, end = stages[gen], gen * STAGE_ITERS, k * STAGE_ITERS
+    t = it - birth
+    assert 0 <= t and (k - 1) * STAGE_ITERS <= it <= end
+    lr = s["lr"] * (t + 1) / (s["warmup"] + 1) if t < s["warmup"] else s["lr"]
+    cooldown = stages[k - 1]["cooldown"]
+    if cooldown and it >= end - cooldown:
+        done = (it - (end - cooldown)) / cooldown
+        lr += (s["min_lr"] - lr) * (done if shape == "linear" else math.sqrt(done))
+    return lr * s["mult"] * math.prod(stages[m]["old_lr_mult"] for m in range(gen + 1, k))
+
+
+def wsd_lr_table(stages, iters):
+    """Markdown: every generation's WSD learning rate (columns) at the given iterations (rows), each
+    iteration in the stage that trains it (the last one also at its end)."""
+    lines = ["| iter | stage | " + " | ".join(f"gen {g} (born {g * STAGE_ITERS})" for g in range(len(stages))) + " |",
+             "| ---: | ---: |" + " ---: |" * len(stages)]
+    for it in iters:
+        k = min(it // STAGE_ITERS + 1, len(stages))
+        cells = [f"{reference_wsd_lr(stages, g, k, it):.2e}" if g < k else "-" for g in range(len(stages))]
+        lines.append(f"| {it} | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def test_wsd_ladder_lr_of_every_generation(wsd_ladder):
+    """Warmup from each birth, hold, old_lr_mult from each later stage on (cumulative), one cooldown at the
+    end of the last stage down to each generation's min_lr."""
+    phases = set()
+    for k in (1, 2, 3):
+        events = [e for e in read_log(wsd_ladder[k]) if "lr" in e]
+        assert {step_of(e) for e in events} == set(range((k - 1) * STAGE_ITERS, k * STAGE_ITERS + 1))
+        for e in events:
+            it = step_of(e)
+            assert sorted(map(int, e["lr"])) == list(range(k)), e
+            for gen, lr in e["lr"].items():
+                g = int(gen)
+                assert lr == pytest.approx(reference_wsd_lr(WSD, g, k, it), rel=1e-12), (k, e["event"], it, g)
+                t = it - g * STAGE_ITERS
+                phases.add((g, k, "warmup" if t < WSD[g]["warmup"] else
+                            "cooldown" if WSD[k - 1]["cooldown"] and it > k * STAGE_ITERS - WSD[k - 1]["cooldown"]
+                            else "stable"))
+    assert {(0, 1, "warmup"), (0, 1, "stable"), (1, 2, "warmup"), (1, 2, "stable"), (2, 3, "warmup"),
+            (2, 3, "stable"), (0, 3, "cooldown"), (1, 3, "cooldown"), (2, 3, "cooldown")} <= phases
+    assert ("cooldown" not in {p for _, k, p in phases if k < 3})
+    # the literal numbers, not only the reference's: the stable phase of every generation at stage 3
+    # (gen 0: 3e-3 x 0.8 x 0.5, gen 1: 2e-3 x 0.5 x 0.5, gen 2: 1e-3), and the end of the cooldown at min_lr
+    log3 = {(e["event"], e["iter"]): e["lr"] for e in read_log(wsd_ladder[3]) if "lr" in e}
+    assert log3["train", 15] == pytest.approx({"0": 1.2e-3, "1": 5e-4, "2": 1e-3}, rel=1e-12)  # step 14
+    assert log3["train", 16] == pytest.approx({"0": 1.2e-3 - 0.25 * 1.08e-3, "1": 5e-4 - 0.25 * 4.5e-4,
+                                               "2": 1e-3 - 0.25 * 9e-4}, rel=1e-12)  # step 15
+    assert log3["eval", 18] == pytest.approx({"0": 3e-4 * 0.4, "1": 2e-4 * 0.25, "2": 1e-4}, rel=1e-12)
+
+
+def test_wsd_lr_table_for_the_readme(wsd_ladder):
+    """Prints the WSD ladder's table (pytest -s); the README shows it."""
+    iters = list(range(3 * STAGE_ITERS + 1))
+    table = wsd_lr_table(WSD, iters)
+    print("\n" + table)
+    rows = table.splitlines()
+    assert len(rows) == 2 + len(iters) and all(r.count("|") == 2 + len(WSD) + 1 for r in rows)
+    assert [r.count("| -") for r in rows[2:]] == [2] * STAGE_ITERS + [1] * STAGE_ITERS + [0] * (STAGE_ITERS + 1)
+    # the table is what the ladder logged (to its 3 digits): the lr of every step each stage trained, and the end
+    for k in (1, 2, 3):
+        for e in read_log(wsd_ladder[k]):
+            if "lr" in e and (step_of(e) < k * STAGE_ITERS or k == 3):
+                cells = rows[2 + step_of(e)].split("|")[3:3 + k]
+                assert [float(c) for c in cells] == pytest.approx([e["lr"][str(g)] for g in range(k)], rel=5e-3)
 
 
 # -----------------------------------------------------------------------------
