@@ -624,3 +624,56 @@ def test_a_checkpoint_grown_by_grow_py_resumes_as_a_new_stage(ladder, data, tmp_
     assert load_checkpoint(out / "ckpt.pt")["generations"] == expected_table()[:2]
     for e in log:
         assert e["lr"]["1"] == pytest.approx(reference_lr(expected_table()[1], step_of(e)), rel=1e-12), e
+
+
+# -----------------------------------------------------------------------------
+# 8. branches: a new run from another run's checkpoint, typically its cooldown
+
+
+def branch_args(data, ladder, k, ckpt, iters, *extra):
+    """Stage k of the WSD ladder's own arguments, branched from ckpt for a cooldown over `iters` iterations."""
+    return [*wsd_stage_args(data, k, ladder.get(k - 1)), "--init_from=branch", f"--branch_from={ckpt}", f"--max_iters={iters}",
+            f"--cooldown_iters={iters}", *extra]
+
+
+def test_a_branch_takes_the_parents_next_step_then_cools_down(wsd_ladder, data, tmp_path):
+    """Stage 1 (dropout 0.1, so the RNG must come back too) ran 6 iterations with a snapshot at 3; a branch
+    from the snapshot takes step 3 -> 4 as the parent did (same lr, same loss), then decays to min_lr."""
+    s1 = wsd_ladder[1]
+    assert load_checkpoint(s1 / "ckpt_3.pt")["iter_num"] == 3  # a snapshot, kept while ckpt.pt moved on
+    assert os.path.samefile(s1 / "ckpt_6.pt", s1 / "ckpt.pt")
+    parent = {(e["event"], e["iter"]): e for e in read_log(s1)}
+    log = train(tmp_path / "cool", *branch_args(data, wsd_ladder, 1, s1 / "ckpt_3.pt", 3))
+    assert log[0]["event"] == "branch" and log[0]["iter"] == 3
+    assert (log[0]["tokens"], log[0]["flops"]) == (parent["eval", 3]["tokens"], parent["eval", 3]["flops"]) != (0, 0)
+    events = {(e["event"], e["iter"]): e for e in log[1:]}
+    assert list(events) == [("eval", 3), ("train", 4), ("train", 5), ("train", 6), ("eval", 6)]
+    assert events["eval", 3]["val_loss"] == pytest.approx(parent["eval", 3]["val_loss"], rel=1e-6)
+    first = events["train", 4]
+    assert first["lr"] == parent["train", 4]["lr"] == {"0": 3e-3}
+    assert first["train_loss"] == pytest.approx(parent["train", 4]["train_loss"], rel=1e-6)
+    for key, e in events.items():  # the counters go on from the parent's
+        assert (e["tokens"], e["flops"]) == (parent[key]["tokens"], parent[key]["flops"]), key
+        done = (step_of(e) - 3) / 3  # linear from the stable 3e-3 to min_lr 3e-4 over steps 3, 4, 5; 6 is the end
+        assert e["lr"]["0"] == pytest.approx(3e-3 + (3e-4 - 3e-3) * done, rel=1e-12), key
+    assert events["eval", 6]["lr"] == {"0": pytest.approx(3e-4, rel=1e-12)}
+    # a branch keeps the parent's shape
+    r = run(*branch_args(data, wsd_ladder, 1, s1 / "ckpt_3.pt", 3, "--n_layer=3"), f"--out_dir={tmp_path / 'deeper'}")
+    assert_one_line_error(r, "--init_from=branch keeps the checkpoint's shape, but n_layer=3 (checkpoint: 2)")
+    assert not (tmp_path / "deeper").exists()
+
+
+def test_a_branch_of_a_grown_stage_cools_every_generation_down_1_sqrt(wsd_ladder, data, tmp_path):
+    """Stage 2's end (two generations, gen 0 at stage 2's old_lr_mult 0.8, gen 1 at lr_mult 0.5), branched
+    with stage 2's own arguments for a '1-sqrt' cooldown of 4: each from its stage-2 LR to its min_lr."""
+    stage2 = {e["iter"]: e for e in read_log(wsd_ladder[2]) if e["event"] == "eval"}
+    log = train(tmp_path / "cool", *branch_args(data, wsd_ladder, 2, wsd_ladder[2] / "ckpt.pt", 4, "--cooldown_shape=1-sqrt"))
+    events = [e for e in log if "lr" in e]
+    assert {step_of(e) for e in events} == {12, 13, 14, 15, 16}
+    assert events[0]["lr"] == stage2[12]["lr"]  # the step the parent would have taken next
+    for e in events:
+        for g in (0, 1):
+            stable = reference_wsd_lr(WSD, g, 2, 12)
+            floor = WSD[g]["min_lr"] * stable / WSD[g]["lr"]  # min_lr at the generation's multiplier
+            expected = stable + (floor - stable) * math.sqrt((step_of(e) - 12) / 4)
+            assert e["lr"][str(g)] == pytest.approx(expected, rel=1e-12), (e, g)
