@@ -677,3 +677,49 @@ def test_a_branch_of_a_grown_stage_cools_every_generation_down_1_sqrt(wsd_ladder
             floor = WSD[g]["min_lr"] * stable / WSD[g]["lr"]  # min_lr at the generation's multiplier
             expected = stable + (floor - stable) * math.sqrt((step_of(e) - 12) / 4)
             assert e["lr"][str(g)] == pytest.approx(expected, rel=1e-12), (e, g)
+
+
+# -----------------------------------------------------------------------------
+# 9. tier ramp: after a vocabulary growth, rows come from the parent's tier with odds falling 1 -> 0
+
+
+def test_tier_ramp_falls_from_the_parents_tier_and_resumes_exactly(ladder, data, tmp_path):
+    """Stage 2 grows v512 -> v1024 with a ramp of 4: steps 6..9 draw a row from v512 with odds 1, 3/4, 1/2,
+    1/4 (train events 7..10), none after. A resume inside the ramp (at 9) is the uninterrupted run."""
+    args = [*stage_args(data, 2, ladder[1]), "--tier_ramp_iters=4"]
+    whole = train(tmp_path / "whole", *args)
+    train(tmp_path / "split", *args, "--max_iters=3")
+    split = train(tmp_path / "split", *args, "--init_from=resume", f"--max_iters={STAGE_ITERS}")
+    assert_same_run(split, whole, rel=1e-6)
+    old = {e["iter"]: e.get("old_tier_rows", 0.0) for e in whole if e["event"] == "train"}
+    assert old == {e["iter"]: e.get("old_tier_rows", 0.0) for e in split if e["event"] == "train"}
+    assert list(old) == list(range(STAGE_ITERS + 1, 2 * STAGE_ITERS + 1))
+    rows = 16  # batch_size x grad_accum_steps
+    counts = {it: f * rows for it, f in old.items()}
+    assert all(c == int(c) for c in counts.values()), old
+    assert counts[7] == rows and counts[11] == counts[12] == 0, old  # every row at the growth, none after
+    # in between, binomial(16, 3/4), (16, 1/2), (16, 1/4): 24 rows expected (sd 3.2), and falling
+    assert abs(counts[8] + counts[9] + counts[10] - 24) <= 10 and counts[8] > counts[10], old
+    assert first_train_loss(whole) != first_train_loss(read_log(ladder[2]))  # v512 rows, not the ladder's v1024
+
+    # the old rows are the parent tier's: with its train.bin all one token (id 100), the first step's rows
+    # are all that sequence, and its loss is the grown model's on it
+    poison = tmp_path / "v512_poisoned"
+    poison.mkdir()
+    for f in ("meta.json", "val.bin"):
+        shutil.copy(data / "llama2_v512" / f, poison)
+    n = len(np.memmap(data / "llama2_v512" / "train.bin", dtype=np.uint16, mode="r"))
+    np.full(n, 100, dtype=np.uint16).tofile(poison / "train.bin")
+    log = train(tmp_path / "poisoned", *args, f"--parent_data_dir={poison}", "--max_iters=1")
+    first = [e for e in log if e["event"] == "train"][0]
+    assert first["old_tier_rows"] == 1.0
+    torch.manual_seed(0)
+    grown, _ = grow_model(model_from_checkpoint(load_checkpoint(ladder[1] / "ckpt.pt")),
+                          GPTConfig(vocab_size=1024, n_layer=3, n_head=3, head_dim=16, ffn_hidden=128, block_size=64),
+                          tokenizer=load_tokenizer(LLAMA2, 1024))
+    x = torch.full((1, 64), 100)
+    assert first["train_loss"] == pytest.approx(grown(x, x)[1].item(), rel=1e-5)  # (the real v512's: 6.74)
+
+
+def first_train_loss(log):
+    return [e for e in log if e["event"] == "train"][0]["train_loss"]
