@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from grow import grow_model
 from model import GPT, Block, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
-from prepare import load_tokenizer, prepare
+from prepare import eval_window_starts, load_tokenizer, prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.environ.get("ASSETS_DIR", os.path.join(HERE, "..", "shared", "assets"))
@@ -723,3 +723,47 @@ def test_tier_ramp_falls_from_the_parents_tier_and_resumes_exactly(ladder, data,
 
 def first_train_loss(log):
     return [e for e in log if e["event"] == "train"][0]["train_loss"]
+
+
+# -----------------------------------------------------------------------------
+# 10. bits per byte: the split's bytes per token is what the scored windows hold
+
+
+def token_bytes(data, bos_id):
+    """UTF-8 bytes that each token of `data` stands for, from the SentencePiece model's pieces: a byte token
+    1, a normal piece its text with '▁' as a space, BOS 0; the fallback run E2 96 81 (a space that does not
+    merge at this tier) is one space, counted on its first token; after a BOS, the space that SentencePiece's
+    dummy prefix adds is no text, so the first piece loses its leading space (a fallback run: all of it)."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=LLAMA2)
+    pieces = [sp.id_to_piece(i) for i in range(int(data.max()) + 1)]
+    byte = {i: int(p[3:5], 16) for i, p in enumerate(pieces) if sp.is_byte(i)}
+    counts, j = np.zeros(len(data), dtype=np.int64), 0
+    while j < len(data):
+        i, after_bos = int(data[j]), j > 0 and data[j - 1] == bos_id
+        if [byte.get(int(t)) for t in data[j:j + 3]] == [0xE2, 0x96, 0x81]:
+            counts[j], j = 0 if after_bos else 1, j + 3
+            continue
+        if i in byte:
+            counts[j] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i)):
+            counts[j] = len(pieces[i].replace("▁", " ").encode()) - (after_bos and pieces[i].startswith("▁"))
+        j += 1
+    return counts
+
+
+@pytest.mark.parametrize("tier", [512, 1024, 4096])
+def test_bits_per_byte_uses_the_bytes_the_scored_windows_hold(data, tier):
+    """bpb = nats/token x tokens/bytes of the split: right only if the windows' targets hold the split's bytes
+    per token. Exactly over the whole split; within 0.5% for the tiny configs' windows (128 x 64) and the
+    experiment's (512 x 1024)."""
+    tier_dir = data / f"llama2_v{tier}"
+    with open(tier_dir / "meta.json") as f:
+        meta = json.load(f)
+    val = np.memmap(tier_dir / "val.bin", dtype=np.uint16, mode="r")
+    counts = token_bytes(val, meta["bos_id"])
+    assert len(val) == meta["val"]["tokens"] and counts.sum() == meta["val"]["bytes"]
+    per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
+    for n, T in ((128, 64), (512, 1024)):
+        scored = sum(counts[s + 1:s + 1 + T].sum() for s in eval_window_starts(len(val), n, T))  # the targets y
+        assert scored / (n * T) == pytest.approx(per_token, rel=5e-3), (n, T)
