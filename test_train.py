@@ -8,12 +8,21 @@ train.py end to end on the CPU: tiny stages run as subprocesses, read back from 
     ddp       torchrun on 2 CPU ranks (gloo) gives one process's losses at the same global batch,
               for a scratch stage and a grown stage
     lr        every generation of a three-stage ladder follows its own schedule from the checkpoint's
-              generation table; with lr_mode='global' every generation follows the stage's schedule
+              generation table; with lr_mode='global' every generation follows the stage's schedule;
+              a WSD ladder: warmup from each birth, hold, old_lr_mult (cumulative), one cooldown at the
+              end to min_lr, against a reference written out again (wsd_lr_table prints it for the README)
     flops     flops_per_token against FlopCounterMode, exactly; the log's cumulative flops add up across
               a grow
-    errors    every bad input is a one-line error without a traceback, and nothing is written or overwritten
+    errors    every bad input is a one-line error without a traceback, and nothing is written or overwritten;
+              so is a resume that changes the run's schedule or optimizer keys (or lr_mode)
+    branch    a branch from a snapshot takes the parent's next step (lr, loss with dropout, tokens, flops),
+              then cools down to min_lr (linear; '1-sqrt' on a grown stage's two generations)
+    ramp      tier_ramp_iters: the old-tier rows per step fall 1 -> 0, come from the parent's tier, are
+              the same in two runs, and a resume mid-ramp is the uninterrupted run
+    bpb       the exact UTF-8 bytes of the pieces are the split's bytes; the scored windows hold the
+              split's bytes per token within 0.5%, in tiers 512, 1024 and 4096
 
-    python -m pytest -q test_train.py          (about a minute on 2 cores)
+    python -m pytest -q test_train.py          (about two and a half minutes on 2 cores)
 
 Log conventions read here: an 'eval' event at iter k carries the lr of step k (about to run); a 'train'
 event at iter k follows step k - 1 and carries that step's lr; tokens and flops count the steps done.
@@ -526,6 +535,25 @@ def test_an_out_dir_holding_a_run_is_refused_and_kept(ladder, data, tmp_path):
         r = run(*args, f"--out_dir={out_dir}")
         assert_one_line_error(r, "already holds a run")
         assert snapshot(out_dir) == before
+
+
+def test_a_resume_that_changes_the_runs_schedule_or_optimizer_is_refused_and_kept(wsd_ladder, data, tmp_path):
+    """A resume continues the run as it was set up: another optimizer or schedule key, lr_mode, or (once a
+    cooldown is placed at the stage's end) max_iters is a one-line error pointing to a branch, and the
+    out_dir (checkpoint, log) stays as it was."""
+    for k, override, message in [(1, "--weight_decay=1e9", "weight_decay=1000000000.0 (the run's: 0.1)"),
+                                 (1, "--learning_rate=0.01", "learning_rate=0.01 (the run's: 0.003)"),
+                                 (1, "--lr_mode=global", "lr_mode=global (the run's: generation)"),
+                                 (3, "--max_iters=8", "max_iters=8 (the run's: 6)")]:
+        out_dir = tmp_path / f"s{k}"
+        if not out_dir.exists():
+            shutil.copytree(wsd_ladder[k], out_dir)
+        before = snapshot(out_dir)
+        r = run(*wsd_stage_args(data, k, wsd_ladder.get(k - 1)), f"--out_dir={out_dir}", "--init_from=resume",
+                override)
+        assert_one_line_error(r, f"--init_from=resume continues the run as it was set up, but {message}")
+        assert f"--init_from=branch --branch_from={out_dir / 'ckpt.pt'}" in r.stderr
+        assert snapshot(out_dir) == before, override
 
 
 # -----------------------------------------------------------------------------
