@@ -252,15 +252,17 @@ def stage_schedule(gen, birth):
 def start_stage(generations, born):
     """This stage's settings on every generation's record: with lr_mode='global' each takes this stage's
     schedule from its start; those born before it (not in `born`) run at old_lr_mult times their LR;
-    all share the stage's cooldown window (none when cooldown_iters is 0)."""
+    all share the stage's cooldown window (none when cooldown_iters is 0). A branch goes on with its parent's
+    stage, so it keeps the records as they were (no new clock, no second old_lr_mult) and sets the cooldown."""
     end = stage_start + max_iters
     cooldown = [end - cooldown_iters, end] if cooldown_iters else None
+    new_stage = init_from != "branch"
     records = []
     for g in generations:
         g = {"schedule": "cosine", **g}  # records from before WSD were cosine
-        if lr_mode == "global":
+        if new_stage and lr_mode == "global":
             g.update(stage_schedule(g["gen"], stage_start))
-        if g["gen"] not in born:
+        if new_stage and g["gen"] not in born:
             g["mult"] *= old_lr_mult
         records.append({**g, "cooldown": cooldown, "cooldown_shape": cooldown_shape})
     return records
