@@ -89,7 +89,7 @@ def main(argv=None):
     ap.add_argument("--out_dir", required=True)
     ap.add_argument("--tokenizer", help="the checkpoint's tokenizer file, if prepare.py cannot find it by name")
     args = ap.parse_args(argv)
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = load_checkpoint(args.ckpt)  # refuses a checkpoint with NaN or inf: nothing is written
     export(ckpt, args.out_dir, checkpoint_tokenizer(ckpt, args.tokenizer))
     print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(args.out_dir)))}")
 

@@ -316,6 +316,25 @@ def describe(c, n_params):
             f"ffn_hidden={c.ffn_hidden} vocab={c.vocab_size}: {n_params:,} params")
 
 
+def new_tier(data_dir, vocab_size, data, ckpt_path):
+    """meta.json of --data_dir, if it is the tier the grown model trains on: vocab_size ids of the tokenizer the
+    checkpoint was trained with (a checkpoint on another tier is one nothing can use). prepare.py makes tiers
+    only within the tokenizer, so this also refuses a vocab_size beyond it, whatever vocab_init."""
+    from prepare import PrepareError, read_meta
+    try:
+        meta = read_meta(data_dir)
+    except PrepareError as e:
+        raise SystemExit(f"grow.py: {e}")
+    if meta["tokenizer_sha256"] != data["tokenizer_sha256"]:
+        raise SystemExit(f"grow.py: --data_dir {data_dir} was made with tokenizer {meta['tokenizer']} "
+                         f"({meta['tokenizer_sha256'][:12]}) but {ckpt_path} with {data['tokenizer']} "
+                         f"({data['tokenizer_sha256'][:12]}); pass a tier prepared with the checkpoint's tokenizer")
+    if meta["vocab_size"] != vocab_size:
+        raise SystemExit(f"grow.py: --data_dir {data_dir} is tier {meta['vocab_size']}, but the grown vocab_size is "
+                         f"{vocab_size}; pass the v{vocab_size} tier (prepare.py --tiers {vocab_size} makes it)")
+    return meta
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], allow_abbrev=False)
     ap.add_argument("--ckpt", required=True, help="checkpoint to grow")
@@ -324,7 +343,8 @@ def main(argv=None):
         ap.add_argument(f"--{axis}", type=int, help="default: unchanged")
     for name, allowed in OPTIONS.items():
         ap.add_argument(f"--{name}", default=allowed[0], choices=allowed)
-    ap.add_argument("--tokenizer", help="tokenizer.model (needed for vocab_init=mean or head_init=mean)")
+    ap.add_argument("--tokenizer", help="tokenizer.model for vocab_init/head_init=mean, if not where --data_dir's "
+                    "meta.json says it is")
     ap.add_argument("--reset_optimizer", action="store_true", help="drop all AdamW state (ablation)")
     ap.add_argument("--data_dir", help="the data tier of the new vocabulary (needed when it grows)")
     args = ap.parse_args(argv)
@@ -333,21 +353,21 @@ def main(argv=None):
 
     ckpt = load_checkpoint(args.ckpt)
     old = GPTConfig(**ckpt["model_config"])
-    if args.vocab_size and args.vocab_size > old.vocab_size and not args.data_dir:
+    vocab_size = args.vocab_size or old.vocab_size
+    if vocab_size > old.vocab_size and not args.data_dir:
         raise SystemExit("grow.py: a larger vocabulary needs --data_dir, the tier it will train and sample on")
-    if args.data_dir and not os.path.isfile(os.path.join(args.data_dir, "meta.json")):
-        raise SystemExit(f"grow.py: no prepared data in {args.data_dir}: run prepare.py for that tier first")
+    meta = new_tier(args.data_dir, vocab_size, ckpt["data"], args.ckpt) if args.data_dir else None
     old_params = model_from_checkpoint(ckpt).get_num_params()
     try:
         new = replace(old, **{k: v for k, v in vars(args).items() if v is not None and hasattr(old, k)})
         grown, optim_state, generations = grow_checkpoint(
-            ckpt, new, tokenizer=args.tokenizer, reset_optimizer=args.reset_optimizer,
+            ckpt, new, tokenizer=args.tokenizer or (meta or {}).get("tokenizer"), reset_optimizer=args.reset_optimizer,
             **{name: getattr(args, name) for name in OPTIONS})
     except ValueError as e:  # GrowError, or GPTConfig refusing a shape
         raise SystemExit(f"grow.py: {e}")
-    data = dict(ckpt.get("data", {}), vocab_size=grown.config.vocab_size)  # sample.py decodes with this tier
-    if args.data_dir:
-        data["data_dir"] = args.data_dir
+    data = dict(ckpt["data"], vocab_size=grown.config.vocab_size)  # sample.py decodes with this tier
+    if meta:  # the tier's record of the same tokenizer file names it by path, when prepare.py was given one
+        data.update(data_dir=args.data_dir, tokenizer=meta["tokenizer"])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     save_checkpoint({**ckpt, "data": data, "model": grown.state_dict(), "model_config": asdict(grown.config),
                      "optimizer": optim_state, "generations": generations,

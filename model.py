@@ -18,6 +18,7 @@ blocks) that the forward applies after assembly: weight = assembled[row_perm]. C
 block into one folds it in and drops it.
 """
 
+import errno
 import math
 import os
 import re
@@ -377,24 +378,75 @@ class GPT(nn.Module):
 # checkpoints: one dict of plain types, written atomically, read as data only
 
 CHECKPOINT_FORMAT = "growing-llama/1"
+# what every reader may count on (grow.py, sample.py, export.py); ckpt["data"] holds DATA_KEYS, and a resume
+# needs RESUME_KEYS too (train.py writes them all; grow.py copies them from the parent)
+CHECKPOINT_KEYS = ("model", "model_config", "data")
+DATA_KEYS = ("tokenizer", "tokenizer_sha256", "vocab_size")
+RESUME_KEYS = ("optimizer", "generations", "iter_num", "stage_start", "tokens", "flops", "best_val_bpb", "config",
+               "rng")
+
+
+class NonFiniteCheckpoint(ValueError):
+    """A checkpoint tensor holds NaN or inf: the run diverged. Such a checkpoint is never written nor used."""
+
+
+def first_non_finite(tree, prefix=""):
+    """Key ('optimizer.layers.0.attn.wq.g0.exp_avg') of the first floating tensor in nested dicts and lists
+    that holds NaN or inf, or None. aminmax is one pass with no tensor-sized temporary, and NaN propagates."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for k, v in items:
+        key = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            if v.is_floating_point() and v.numel() and not all(torch.isfinite(m) for m in torch.aminmax(v)):
+                return key
+        elif (bad := first_non_finite(v, key + ".")) is not None:
+            return bad
+    return None
+
+
+def assert_finite(tree, path, fix):
+    """Refuse a checkpoint (dict) with NaN or inf anywhere; fix says what to do instead."""
+    key = first_non_finite(tree)
+    if key is not None:
+        raise NonFiniteCheckpoint(f"{path}: {key} holds NaN or inf (the run diverged); {fix}")
 
 
 def save_checkpoint(ckpt, path):
-    """Write to a temporary file and rename it, so a kill never leaves a broken checkpoint."""
+    """Write to a temporary file and rename it, so a kill never leaves a broken checkpoint. A checkpoint
+    with NaN or inf raises NonFiniteCheckpoint and is not written: it would replace the last good one."""
+    assert_finite(ckpt, path, f"not written, {kept(path)}")
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
             torch.save({**ckpt, "format": CHECKPOINT_FORMAT}, f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, or a crash can leave an empty ckpt.pt
-    except BaseException:  # a full disk, Ctrl-C: the last good checkpoint stays, with no half-written file beside it
+        os.replace(tmp, path)
+    except BaseException as e:  # a full disk, Ctrl-C: the last good checkpoint stays, and no half-written file
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+        # torch's zip writer chains its C++ errors to the OSError of a full disk: one line says all of it
+        os_error = next((c for c in exception_chain(e) if isinstance(c, OSError) and c.errno), None)
+        if not isinstance(e, Exception) or os_error is None:
+            raise
+        fix = "free space on that disk" if os_error.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        raise SystemExit(f"cannot write {path}: {os.strerror(os_error.errno).lower()}; {fix} and run again "
+                         f"({kept(path)})") from None
 
 
-def load_checkpoint(path):
+def kept(path):
+    return "the previous checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
+
+
+def exception_chain(e):
+    """e, then the exceptions it was raised from or during."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def load_checkpoint(path, keys=CHECKPOINT_KEYS):
+    """A checkpoint of this project that holds keys (and ckpt['data'] DATA_KEYS), all finite; else one line."""
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}: train that stage first or fix the path")
     try:
@@ -405,6 +457,16 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SystemExit(f"{path} is not a checkpoint of this project (format {CHECKPOINT_FORMAT}); "
                          "pass a ckpt.pt written by train.py or grow.py")
+    missing = [k for k in keys if k not in ckpt]
+    if not missing and "data" in keys:
+        missing = [f"data.{k}" for k in DATA_KEYS if k not in ckpt["data"]]
+    if missing:
+        raise SystemExit(f"{path} has the checkpoint format but no {missing[0]!r} (a checkpoint holds "
+                         f"{', '.join(keys)}); it is damaged or was not written by train.py or grow.py: pass another")
+    try:
+        assert_finite(ckpt, path, "pass an earlier checkpoint")
+    except NonFiniteCheckpoint as e:
+        raise SystemExit(str(e)) from None
     return ckpt
 
 

@@ -15,7 +15,7 @@ $ python prepare.py --dataset gutenberg --input ../shared/assets/gutenberg_en.js
 $ python prepare.py --input my_texts/ --tokenizer gpt2 --tiers 8192 50257
 $ python prepare.py --inspect data/tinyshakespeare/llama2_v4096
 """
-import argparse, base64, codecs, gzip, hashlib, json, lzma, math, os, re, sys, time
+import argparse, base64, codecs, contextlib, gzip, hashlib, json, lzma, math, os, re, sys, time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from fractions import Fraction
@@ -208,6 +208,11 @@ def load_tokenizer(path_or_name, vocab_size, gpt2_ranks=None, sha256=None):
                            f'(sha256 {sha256[:12]}...); pass the right --tokenizer')
     return tok
 
+def tokenizer_record(spec):
+    """What meta.json records of --tokenizer: a name prepare.py knows, or the file's absolute path, so that
+    train.py, grow.py, sample.py and export.py find the same file from any folder without --tokenizer."""
+    return spec if spec in ('llama2', 'gpt2') else os.path.abspath(spec) if spec else 'llama2'
+
 # -----------------------------------------------------------------------------
 # documents: streamed from .txt, .jsonl, .jsonl.xz, .json.gz files or a folder of them
 
@@ -253,23 +258,42 @@ def read_txt(path, doc_sep, whole_file):
 def read_jsonl(path):
     offset = 0
     with OPENERS.get(os.path.splitext(path)[1], open)(path, 'rb') as f:
-        for line in f:
+        for number, line in enumerate(f, 1):  # blank lines count, so the number is the one an editor shows
             text = utf8(codecs.getincrementaldecoder('utf-8')(), line, path, offset, final=True)
             offset += len(line)
-            if text.strip():
-                doc = json.loads(text)
-                if 'text' not in doc:
-                    raise PrepareError(f'{path}: a line near byte {offset} has no "text" field; give every line one')
-                yield doc.get('pg_id'), doc['text']
+            if not text.strip():
+                continue
+            try:
+                doc = json.loads(text.rstrip('\r\n'))  # a line cut mid-string: 'unterminated', not 'newline'
+            except json.JSONDecodeError as e:
+                raise PrepareError(f'{path} line {number} is not JSON ({e.msg} at column {e.colno}); '
+                                   'fix or remove that line') from None
+            if not isinstance(doc, dict) or 'text' not in doc:
+                raise PrepareError(f'{path} line {number} has no "text" field; give every line one')
+            if not isinstance(doc['text'], str):
+                raise PrepareError(f'{path} line {number}: "text" is {json.dumps(doc["text"])[:40]}, not a string; '
+                                   'make it a string')
+            yield doc.get('pg_id'), doc['text']
 
 # -----------------------------------------------------------------------------
 # workers tokenize batches of documents for every tier at once: the text is read and sent once
 
 _tokenizers = None
 
-def init_worker(spec, tiers, gpt2_ranks):
+def init_worker(spec, tiers, gpt2_ranks, parent_pid):
     global _tokenizers
+    die_with_parent(parent_pid)
     _tokenizers = {n: load_tokenizer(spec, n, gpt2_ranks) for n in tiers}
+
+def die_with_parent(parent_pid):
+    """A killed prepare.py runs no cleanup (SIGKILL, the OOM killer): ask Linux to kill this worker with it,
+    or it would go on tokenizing for nobody. Elsewhere the pool's own shutdown is all there is."""
+    if sys.platform.startswith('linux'):
+        import ctypes, signal
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+            os._exit(1)
 
 def encode_batch(batch):
     """[(split, text)] -> {split: (documents, utf8 bytes, {tier: uint16 ids with a BOS per document})}, seconds per tier"""
@@ -303,6 +327,23 @@ def batches(docs, val_fraction, val_ids, found_ids, chars=1 << 20):
     if batch:
         yield batch
 
+@contextlib.contextmanager
+def writing(out_dir):
+    """An OSError while writing the output (a read-only disk, a file in the way, a full disk) in one line."""
+    try:
+        yield
+    except OSError as e:
+        raise PrepareError(f'cannot write {e.filename or out_dir}: {e.strerror or e}; '
+                           'pass an --out_dir on a writable disk with free space') from None
+
+def missing_dirs(path):
+    """The folders os.makedirs(path) would create, deepest first: a failed run removes them again."""
+    path, missing = os.path.abspath(path), []
+    while not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
 def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, doc_sep=BLANK_LINE,
             whole_file=False, workers=None, gpt2_ranks=None):
     """Write out_dir/<name>_v<N>/{train,val}.bin and meta.json for every tier; skip tiers already complete."""
@@ -320,12 +361,13 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
         print(f'{dirs[n]} is complete, skipping')
     if not todo:
         return
-    files = {}
+    files, created = {}, sorted({d for n in todo for d in missing_dirs(dirs[n])}, key=len, reverse=True)
     try:  # until the new bins are complete, a finished tier stays as it was
-        for n in todo:
-            os.makedirs(dirs[n], exist_ok=True)
-            for s in ('train', 'val'):  # write under a temporary name, renamed when complete
-                files[n, s] = open(os.path.join(dirs[n], f'{s}.bin.tmp'), 'wb')
+        with writing(out_dir):
+            for n in todo:
+                os.makedirs(dirs[n], exist_ok=True)
+                for s in ('train', 'val'):  # write under a temporary name, renamed when complete
+                    files[n, s] = open(os.path.join(dirs[n], f'{s}.bin.tmp'), 'wb')
         counts = {s: dict(documents=0, bytes=0) for s in ('train', 'val')}
         tokens = {(n, s): 0 for n in todo for s in ('train', 'val')}
         seconds = {n: 0.0 for n in todo}
@@ -338,13 +380,15 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
                 counts[s]['documents'] += n_docs
                 counts[s]['bytes'] += n_bytes
                 for n, arr in ids.items():
-                    arr.tofile(files[n, s])
+                    with writing(out_dir):
+                        arr.tofile(files[n, s])
                     tokens[n, s] += len(arr)
             for n in secs:
                 seconds[n] += secs[n]
 
         # the workers load the tokenizer as this process did (a download is cached by now)
-        with ProcessPoolExecutor(workers, initializer=init_worker, initargs=(tokenizer, todo, gpt2_ranks)) as pool:
+        with ProcessPoolExecutor(workers, initializer=init_worker,
+                                 initargs=(tokenizer, todo, gpt2_ranks, os.getpid())) as pool:
             pending = deque()  # a few batches in flight keep every worker busy and memory bounded
             docs = read_documents(input, doc_sep, whole_file)
             for batch in batches(docs, val_fraction, set(val_ids or ()), found_ids):
@@ -353,8 +397,9 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
                     write(pending.popleft())
             while pending:
                 write(pending.popleft())
-        for f in files.values():
-            f.close()
+        with writing(out_dir):  # close flushes the last blocks
+            for f in files.values():
+                f.close()
         if counts['train']['documents'] + counts['val']['documents'] == 0:
             raise PrepareError(f'{input} has no documents; pass a non-empty input')
         if set(val_ids or ()) - found_ids:
@@ -363,25 +408,32 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
             if counts[s]['documents'] == 0:
                 raise PrepareError(f'the {s} split has no documents; give more documents or change --val_fraction')
         elapsed = time.time() - t0
-        for n in todo:
-            if os.path.exists(os.path.join(dirs[n], 'meta.json')):
-                os.remove(os.path.join(dirs[n], 'meta.json'))  # the old bins stop counting as complete as they change
-            for s in ('train', 'val'):
-                os.replace(os.path.join(dirs[n], f'{s}.bin.tmp'), os.path.join(dirs[n], f'{s}.bin'))
-            # tokens counts the BOS ids too: bits per byte takes the loss over all predicted positions
-            meta = dict(tokenizer=toks[n].name, tokenizer_sha256=toks[n].sha256, vocab_size=n, bos_id=toks[n].bos_id,
-                        **{s: dict(tokens=tokens[n, s], **counts[s]) for s in ('train', 'val')}, source=source, split=split)
-            with open(os.path.join(dirs[n], 'meta.json.tmp'), 'w') as f:
-                json.dump(meta, f, indent=1)
-            os.replace(os.path.join(dirs[n], 'meta.json.tmp'), os.path.join(dirs[n], 'meta.json'))
-            total = tokens[n, 'train'] + tokens[n, 'val']
-            print(f'{dirs[n]}: {total:,} tokens, {(counts["train"]["bytes"] + counts["val"]["bytes"]) / total:.3f} '
-                  f'bytes/token, {total / seconds[n]:,.0f} tokens/s per worker')
-    finally:  # a failed run leaves no temporary files; a completed one has renamed them
+        with writing(out_dir):
+            for n in todo:
+                if os.path.exists(os.path.join(dirs[n], 'meta.json')):
+                    os.remove(os.path.join(dirs[n], 'meta.json'))  # the old bins stop counting as complete
+                for s in ('train', 'val'):
+                    os.replace(os.path.join(dirs[n], f'{s}.bin.tmp'), os.path.join(dirs[n], f'{s}.bin'))
+                # tokens counts the BOS ids too: bits per byte takes the loss over all predicted positions
+                meta = dict(tokenizer=tokenizer_record(tokenizer), tokenizer_sha256=toks[n].sha256, vocab_size=n,
+                            bos_id=toks[n].bos_id, source=source, split=split,
+                            **{s: dict(tokens=tokens[n, s], **counts[s]) for s in ('train', 'val')})
+                with open(os.path.join(dirs[n], 'meta.json.tmp'), 'w') as f:
+                    json.dump(meta, f, indent=1)
+                os.replace(os.path.join(dirs[n], 'meta.json.tmp'), os.path.join(dirs[n], 'meta.json'))
+                total = tokens[n, 'train'] + tokens[n, 'val']
+                print(f'{dirs[n]}: {total:,} tokens, {(counts["train"]["bytes"] + counts["val"]["bytes"]) / total:.3f} '
+                      f'bytes/token, {total / seconds[n]:,.0f} tokens/s per worker')
+    finally:  # a failed run leaves no temporary files or new empty folders; a completed one has renamed them
         for f in files.values():
-            f.close()
-            if os.path.exists(f.name):
-                os.remove(f.name)
+            with contextlib.suppress(OSError):  # a full disk fails the flush again: the file goes anyway
+                f.close()
+        for path in [f.name for f in files.values()] + [os.path.join(dirs[n], 'meta.json.tmp') for n in todo]:
+            if os.path.exists(path):
+                os.remove(path)
+        for d in created:
+            with contextlib.suppress(OSError):  # not empty: a tier this run completed
+                os.rmdir(d)
     print(f'{len(todo)} tiers in {elapsed:.1f}s wall with {workers} workers')
 
 def eval_window_starts(n_tokens, n_windows, block_size):
@@ -399,28 +451,55 @@ def is_complete(tier_dir, tok, source, split):
     except (OSError, ValueError, KeyError):
         return False
 
+META_KEYS = ('tokenizer', 'tokenizer_sha256', 'vocab_size', 'bos_id', 'source', 'train', 'val')  # what readers use
+SPLIT_KEYS = ('documents', 'tokens', 'bytes')
+
+def read_meta(tier_dir):
+    """A tier's meta.json, with the keys its readers use; else PrepareError, one line that says what to do."""
+    path = os.path.join(tier_dir, 'meta.json')
+    if not os.path.isfile(path):
+        raise PrepareError(f'no prepared data in {tier_dir} (no meta.json): run prepare.py for that tier, or pass '
+                           'a tier folder that it wrote, such as data/tinyshakespeare/llama2_v512')
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise PrepareError(f'{path} is broken ({e}): delete {tier_dir} and re-run prepare.py') from None
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta] or \
+        [f'{s}.{k}' for s in ('train', 'val') for k in SPLIT_KEYS if not isinstance(meta[s], dict) or k not in meta[s]]
+    if missing:
+        raise PrepareError(f'{path} is broken (no "{missing[0]}"): delete {tier_dir} and re-run prepare.py')
+    return meta
+
+def open_tier(tier_dir):
+    """Check a tier's bins against its meta.json, as a run does before it trusts them; return (meta,
+    {'train': bin, 'val': bin}) as uint16 memmaps. One pass over each bin for its largest id: about 0.1 s
+    per 50M tokens once the file is in the page cache, which the training run needs anyway."""
+    meta, bins = read_meta(tier_dir), {}
+    for s in ('train', 'val'):
+        path, tokens = os.path.join(tier_dir, f'{s}.bin'), meta[s]['tokens']
+        if not os.path.isfile(path):
+            raise PrepareError(f'{path} is missing: delete {tier_dir} and re-run prepare.py')
+        size = os.path.getsize(path)
+        if size != 2 * tokens or size == 0:  # checked before the memmap, which refuses an odd or empty file
+            raise PrepareError(f'{path} has {size:,} bytes but meta.json says {tokens:,} tokens of 2 bytes; '
+                               f'delete {tier_dir} and re-run prepare.py')
+        bins[s] = np.memmap(path, dtype=np.uint16, mode='r')
+        if (top := int(bins[s].max())) >= meta['vocab_size']:
+            raise PrepareError(f'{path} has id {top}, beyond tier {meta["vocab_size"]} of meta.json; '
+                               f'delete {tier_dir} and re-run prepare.py')
+    return meta, bins
+
 def inspect(tier_dir, tokenizer=None, gpt2_ranks=None):
     """Print a tier's counts and bytes per token, check its ids, and decode the start of a document."""
-    if not os.path.isfile(os.path.join(tier_dir, 'meta.json')):
-        raise PrepareError(f'{tier_dir} has no meta.json: pass a tier folder that prepare.py wrote, such as '
-                           'data/tinyshakespeare/llama2_v512')
-    with open(os.path.join(tier_dir, 'meta.json')) as f:
-        meta = json.load(f)
+    meta, bins = open_tier(tier_dir)
     tok = load_tokenizer(tokenizer or meta['tokenizer'], meta['vocab_size'], gpt2_ranks, meta['tokenizer_sha256'])
     print(f'{tier_dir}: {meta["tokenizer"]} tier {meta["vocab_size"]}, source {meta["source"]}')
-    for s in ('train', 'val'):
-        path, m = os.path.join(tier_dir, f'{s}.bin'), meta[s]
-        size = os.path.getsize(path) if os.path.exists(path) else 0
-        if size != 2 * m['tokens']:  # checked before the memmap, which refuses an odd or empty file
-            raise PrepareError(f'{path} has {size:,} bytes but meta.json says {m["tokens"]:,} tokens of 2 bytes; '
-                               f'delete {tier_dir} and re-run prepare.py')
-        data = np.memmap(path, dtype=np.uint16, mode='r')
+    for s, data in bins.items():
+        m = meta[s]
         print(f'{s}: {m["documents"]:,} documents, {m["tokens"]:,} tokens, {m["bytes"]:,} bytes, '
               f'{m["bytes"] / m["tokens"]:.3f} bytes/token, max id {data.max()}')
-        if data.max() >= meta['vocab_size']:
-            raise PrepareError(f'{path} has id {data.max()}, beyond tier {meta["vocab_size"]} of meta.json; '
-                               f'delete {tier_dir} and re-run prepare.py')
-    ids = data[1:201].tolist()  # the start of the first val document, up to the next BOS
+    ids = bins['val'][1:201].tolist()  # the start of the first val document, up to the next BOS
     ids = ids[:ids.index(tok.bos_id)] if tok.bos_id in ids else ids
     print(f'--- {len(ids)} tokens of the first val document:\n{tok.decode(ids)}')
 

@@ -29,6 +29,15 @@ def checkpoint_tokenizer(ckpt, path=None):
         raise SystemExit(f"tokenizer: {e}")
 
 
+def check_args(args):
+    """Refuse what generate would take silently (a negative count) or fail on deep inside (a negative scale)."""
+    for flag, value, allowed in (("max_new_tokens", args.max_new_tokens, "0 or more"),
+                                 ("top_k", args.top_k, "0 (every token) or more"),
+                                 ("temperature", args.temperature, "0 (greedy) or more")):
+        if not value >= 0:  # NaN too
+            raise SystemExit(f"sample.py: --{flag}={value} is not allowed; pass {allowed}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], allow_abbrev=False)
     ap.add_argument("--ckpt", required=True)
@@ -45,8 +54,9 @@ def main(argv=None):
                     help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--tokenizer", help="the checkpoint's tokenizer file, if prepare.py cannot find it by name")
     args = ap.parse_args(argv)
+    check_args(args)
 
-    ckpt = load_checkpoint(args.ckpt)
+    ckpt = load_checkpoint(args.ckpt)  # refuses a checkpoint with NaN or inf
     tok = checkpoint_tokenizer(ckpt, args.tokenizer)
     model = model_from_checkpoint(ckpt)
     del ckpt

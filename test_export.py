@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import export
+import prepare
 import sample
 from grow import grow_model
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -99,3 +100,55 @@ def test_sample_cli(ckpt_path, capsys):
         sample.main(["--ckpt", ckpt_path, "--tokenizer", LLAMA2, "--prompt", "word " * 60, "--device", "cpu"])
     with pytest.raises(SystemExit, match="not a SentencePiece BPE model"):
         sample.main(["--ckpt", ckpt_path, "--tokenizer", ckpt_path])
+
+
+def test_the_recorded_tokenizer_needs_no_flag(ckpt_path, tmp_path, monkeypatch, capsys):
+    """prepare.py records a tokenizer given by path as its absolute path, and train.py copies meta.json's
+    record into the checkpoint: sample.py and export.py find it from any folder, offline, without --tokenizer."""
+    monkeypatch.setattr(prepare, "CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(prepare, "LLAMA2_URL", "http://127.0.0.1:9/tokenizer.model")  # nothing listens there
+    (tmp_path / "in.txt").write_text("one\n\ntwo")
+    monkeypatch.chdir(os.path.dirname(os.path.abspath(LLAMA2)))
+    prepare.prepare(str(tmp_path / "in.txt"), os.path.basename(LLAMA2), [TIER], str(tmp_path), val_fraction=0.5,
+                    workers=1)
+    meta = json.loads((tmp_path / f"llama2_v{TIER}" / "meta.json").read_text())
+    ckpt, path = load_checkpoint(ckpt_path), tmp_path / "ckpt.pt"
+    save_checkpoint({**ckpt, "data": {**ckpt["data"], "tokenizer": meta["tokenizer"]}}, path)  # as train.py does
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    sample.main(["--ckpt", str(path), "--prompt", "ROMEO:", "--num_samples", "1", "--max_new_tokens", "3",
+                 "--device", "cpu"])
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    export.main(["--ckpt", str(path), "--out_dir", str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "tokenizer.model").is_file()
+
+
+@pytest.mark.parametrize("flag, value", [("max_new_tokens", "-1"), ("top_k", "-5"), ("temperature", "-0.5"),
+                                         ("temperature", "nan")])
+def test_sample_refuses_a_negative_setting_in_one_line(ckpt_path, flag, value):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", ckpt_path, "--tokenizer", LLAMA2, f"--{flag}={value}", "--device", "cpu"])
+    assert e.value.code.startswith(f"sample.py: --{flag}={value} is not allowed; pass 0 ") and "\n" not in e.value.code
+
+
+def test_sample_allows_greedy_and_every_token(ckpt_path, capsys):
+    """temperature 0 is greedy and top_k 0 keeps every token: both are settings, not errors."""
+    for _ in range(2):
+        sample.main(["--ckpt", ckpt_path, "--tokenizer", LLAMA2, "--temperature=0", "--top_k=0", "--num_samples=1",
+                     "--max_new_tokens=5", "--device", "cpu"])
+    first, second = capsys.readouterr().out.split("\n")[0::2][:2]
+    assert first == second, "greedy is deterministic"
+
+
+def test_sample_and_export_refuse_a_non_finite_checkpoint(ckpt_path, tmp_path):
+    ckpt = load_checkpoint(ckpt_path)
+    bad = {k: v.clone() for k, v in ckpt["model"].items()}
+    bad["layers.0.ffn.w2.g1_cols"].view(-1)[0] = float("nan")
+    torch.save({**ckpt, "model": bad}, tmp_path / "nan.pt")  # save_checkpoint would refuse it: torch.save does not
+    for main, args in ((sample.main, ["--tokenizer", LLAMA2, "--device", "cpu"]),
+                       (export.main, ["--tokenizer", LLAMA2, "--out_dir", str(tmp_path / "hf")])):
+        with pytest.raises(SystemExit) as e:
+            main(["--ckpt", str(tmp_path / "nan.pt"), *args])
+        assert e.value.code == (f"{tmp_path / 'nan.pt'}: model.layers.0.ffn.w2.g1_cols holds NaN or inf (the run "
+                                "diverged); pass an earlier checkpoint")
+    assert not (tmp_path / "hf").exists()

@@ -15,11 +15,10 @@ The invariants of growth (DESIGN.md sections 3-4), on the CPU, in float64, on ti
 """
 
 import copy
+import json
 import math
 import os
 import random
-import sys
-import types
 from dataclasses import asdict, replace
 
 import pytest
@@ -229,27 +228,45 @@ def test_stacked_layers_copy_the_old_stack_in_order_and_train(seed):
     assert_every_row_and_column_moved(model, new)
 
 
+FAKE_SHA256 = "f" * 64  # the tokenizer file a FakeTokenizer stands for
+
+
 def write_checkpoint(model, path, optimizer=None):
     save_checkpoint({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": asdict(model.config),
-                     "optimizer": optimizer or {}, "generations": [], "iter_num": 0}, path)
+                     "optimizer": optimizer or {}, "generations": [], "iter_num": 0,
+                     "data": {"tokenizer": "fake", "tokenizer_sha256": FAKE_SHA256,
+                              "vocab_size": model.config.vocab_size}}, path)
 
 
 def cli_shape(config):
     return [f"--{k}={getattr(config, k)}" for k in ("n_layer", "n_head", "ffn_hidden", "vocab_size", "block_size")]
 
 
+def write_tier(path, vocab_size, tokenizer, sha256=FAKE_SHA256):
+    """A prepared tier, as far as grow.py looks: its meta.json (tokenizer: the FakeTokenizer's size)."""
+    os.makedirs(path)
+    split = {"documents": 1, "tokens": 9, "bytes": 9}
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({"tokenizer": tokenizer, "tokenizer_sha256": sha256, "vocab_size": vocab_size, "bos_id": 1,
+                   "source": "fake", "train": split, "val": split}, f)
+
+
 @pytest.fixture
 def fake_prepare(monkeypatch, tmp_path):
-    """grow.py takes prepare.load_tokenizer for vocab_init=mean: serve a FakeTokenizer whose
-    size is the --tokenizer argument, so the test does not depend on a tokenizer file; and a
-    prepared tier, as far as grow.py looks, at --data_dir=tier."""
+    """grow.py takes prepare.load_tokenizer for the new tokens: serve a FakeTokenizer whose size is
+    the tokenizer's name (--tokenizer=70, or the tier's record), so the test does not depend on a
+    tokenizer file; and tiers of 60 and 80 ids (v80_t70: of a 70-token tokenizer, v80_other: of
+    another tokenizer file) for a checkpoint of 60."""
+    import prepare
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tier").mkdir()
-    (tmp_path / "tier" / "meta.json").write_text("{}")
-    module = types.ModuleType("prepare")
-    module.load_tokenizer = lambda path, vocab_size, sha256=None: FakeTokenizer(int(path))
-    module.PrepareError = type("PrepareError", (Exception,), {})
-    monkeypatch.setitem(sys.modules, "prepare", module)
+    monkeypatch.setattr(prepare, "load_tokenizer", lambda path, vocab_size, sha256=None: FakeTokenizer(int(path)))
+    write_tier("v60", 60, "100")
+    write_tier("v80", 80, "100")
+    write_tier("v80_t70", 80, "70")
+    write_tier("v80_other", 80, "100", sha256="e" * 64)
+    write_tier("v80_broken", 80, "100")
+    with open("v80_broken/meta.json", "a") as f:
+        f.write("}")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -265,14 +282,17 @@ def test_cli_round_trip_preserves_logits(tmp_path, fake_prepare, seed):
     write_checkpoint(model, path, named_state(model, opt))
     for gen in (1, 2):
         config = bigger(config, GROWTHS["all"][0], rng)
-        out = tmp_path / f"gen{gen}.pt"
-        grow.main(["--ckpt", str(path), "--out", str(out), f"--tokenizer={config.vocab_size}", "--data_dir=tier",
+        out, tier = tmp_path / f"gen{gen}.pt", f"gen{gen}_v{config.vocab_size}"
+        write_tier(tier, config.vocab_size, str(config.vocab_size))  # no --tokenizer: the tier's record serves
+        grow.main(["--ckpt", str(path), "--out", str(out), f"--data_dir={tier}",
                    f"--layer_place={rng.choice(['top', 'interleave'])}", *cli_shape(config)])
         path = out
 
     ckpt = load_checkpoint(path)
     grown = model_from_checkpoint(ckpt)
     assert replace(grown.config, norm_eps=config.norm_eps) == config
+    assert ckpt["data"] == {"tokenizer": str(config.vocab_size), "tokenizer_sha256": FAKE_SHA256,
+                            "vocab_size": config.vocab_size, "data_dir": tier}
     assert grown.generations() == [0, 1, 2]
     assert set(ckpt["optimizer"]) == {n for n, _ in grown.named_parameters() if block_generation(n) == 0}
     after, _ = grown(idx)
@@ -551,10 +571,19 @@ BAD_CLI = [  # (checkpoint kind, arguments, words of the message)
     *[("ours", [f"--{a}={v}"], f"cannot shrink {a}")
       for a, v in (("n_layer", 1), ("n_head", 1), ("ffn_hidden", 8), ("vocab_size", 50))],
     ("ours", ["--head_dim=6"], "head_dim must stay"),  # 4 -> 8 is a doubling, allowed
-    ("ours", ["--vocab_size=80", "--tokenizer=70", "--data_dir=tier"], "larger than the tokenizer"),
-    ("ours", ["--vocab_size=80", "--data_dir=tier"], "needs --tokenizer"),
+    ("ours", ["--vocab_size=80", "--tokenizer=70", "--data_dir=v80"], "larger than the tokenizer's 70"),
+    # beyond the tokenizer the tier records, with either init
+    *[("ours", ["--vocab_size=80", "--data_dir=v80_t70", f"--vocab_init={init}"], "larger than the tokenizer's 70")
+      for init in ("mean", "random")],
+    # no tokenizer loaded: the tier, which prepare.py makes only within its tokenizer, bounds the vocabulary
+    ("ours", ["--vocab_size=90", "--vocab_init=random", "--head_init=zero", "--data_dir=v80"],
+     "--data_dir v80 is tier 80, but the grown vocab_size is 90; pass the v90 tier (prepare.py --tiers 90 makes it)"),
+    ("ours", ["--n_layer=3", "--data_dir=v80"], "--data_dir v80 is tier 80, but the grown vocab_size is 60"),
+    ("ours", ["--vocab_size=80", "--data_dir=v80_other"], "ours.pt with fake (ffffffffffff); pass a tier prepared "
+     "with the checkpoint's tokenizer"),
+    ("ours", ["--vocab_size=80", "--data_dir=v80_broken"], "v80_broken/meta.json is broken"),
     ("ours", ["--vocab_size=80", "--tokenizer=80"], "needs --data_dir"),
-    ("ours", ["--vocab_size=80", "--tokenizer=80", "--data_dir=no_such_tier"], "no prepared data in no_such_tier"),
+    ("ours", ["--vocab_size=80", "--data_dir=no_such_tier"], "no prepared data in no_such_tier"),
     ("ours", ["--block_size=4"], "cannot shrink block_size"),
     pytest.param("ours", ["--ffn_hidden=20"], "ffn_hidden=20 is not allowed"),
     ("foreign", ["--n_layer=3"], "not a checkpoint of this project"),

@@ -1,5 +1,5 @@
 """Tests for prepare.py: exact round trips in every tier, the shared split, errors, interrupted writes."""
-import base64, collections, json, lzma, os, random, re
+import base64, collections, errno, json, lzma, os, random, re, signal, subprocess, sys, time
 import numpy as np
 import pytest
 import prepare
@@ -35,7 +35,7 @@ def test_shakespeare_every_tier(tmp_path, toks):
     for n in TIERS:
         tier_dir = tmp_path / f'llama2_v{n}'
         meta = json.loads((tier_dir / 'meta.json').read_text())
-        assert (meta['vocab_size'], meta['bos_id'], meta['tokenizer']) == (n, 1, 'llama2')
+        assert (meta['vocab_size'], meta['bos_id'], meta['tokenizer']) == (n, 1, os.path.abspath(LLAMA2))
         for s in ('train', 'val'):
             got = bin_documents(tier_dir, s, 1)
             assert max(max(ids) for ids in got) < n
@@ -190,6 +190,46 @@ def test_input_errors(tmp_path):
         prepare.prepare(str(tmp_path / 'empty.txt'), LLAMA2, [4096], str(tmp_path / 'out'), workers=1)
     assert not os.path.exists(tmp_path / 'out' / 'llama2_v4096' / 'train.bin')
 
+BAD_JSONL = [  # (line 4, after a good line and two blank ones, the message)
+    ('{"text": "cut', r'line 4 is not JSON \(Unterminated string'),
+    ('["a list"]', 'line 4 has no "text" field'),
+    ('{"title": "no text"}', 'line 4 has no "text" field'),
+    ('{"text": 42}', 'line 4: "text" is 42, not a string'),
+    ('{"text": null}', 'line 4: "text" is null, not a string'),
+]
+
+@pytest.mark.parametrize('line, message', BAD_JSONL)
+def test_bad_jsonl_line_is_one_line_naming_it(tmp_path, line, message):
+    (tmp_path / 'in.jsonl').write_text('{"text": "fine"}\n\n  \n' + line + '\n{"text": "also fine"}\n')
+    with pytest.raises(PrepareError, match=message) as e:
+        prepare.prepare(str(tmp_path / 'in.jsonl'), LLAMA2, [512], str(tmp_path / 'out'), workers=1)
+    assert str(e.value).startswith(str(tmp_path / 'in.jsonl')) and '\n' not in str(e.value)
+
+def test_output_in_the_way_is_one_line_and_leaves_nothing(tmp_path):
+    (tmp_path / 'in.txt').write_text('one\n\ntwo')
+    (tmp_path / 'out').write_text('a file, not a folder')
+    with pytest.raises(PrepareError, match=r'cannot write .*out/llama2_v512: Not a directory; pass an --out_dir') as e:
+        prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [512], str(tmp_path / 'out'), workers=1)
+    assert '\n' not in str(e.value) and (tmp_path / 'out').read_text() == 'a file, not a folder'
+    assert sorted(os.listdir(tmp_path)) == ['in.txt', 'out']
+
+@pytest.mark.parametrize('fails', ['makedirs', 'open'])
+def test_read_only_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, fails):
+    """A read-only disk (simulated: the tests may run as root, whom chmod does not stop): the folder or
+    the first bin cannot be made. The folders made before it are removed again."""
+    (tmp_path / 'in.txt').write_text('one\n\ntwo')
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+    real_open = open
+    if fails == 'makedirs':
+        monkeypatch.setattr(os, 'makedirs', read_only)
+    else:  # prepare.py writes its bins with open(..., 'wb')
+        monkeypatch.setattr(prepare, 'open', lambda path, mode='r', *a, **k: read_only(path) if 'w' in mode
+                            else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(PrepareError, match=r'cannot write .*: Read-only file system; pass an --out_dir on a writable'):
+        prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [512], str(tmp_path / 'data' / 'out'), workers=1)
+    assert os.listdir(tmp_path) == ['in.txt']
+
 def test_offline_download_fails_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, 'CACHE', str(tmp_path))
     monkeypatch.setattr(prepare, 'LLAMA2_URL', 'http://127.0.0.1:9/tokenizer.model')  # nothing listens there
@@ -274,12 +314,118 @@ def test_inspect_refuses_a_bin_that_does_not_match_meta(tmp_path, split, damage,
 
 
 def test_inspect_a_folder_that_is_no_tier(tmp_path):
-    with pytest.raises(PrepareError, match='has no meta.json: pass a tier folder'):
+    with pytest.raises(PrepareError, match=r'no prepared data in .* \(no meta.json\): run prepare.py for that tier'):
         prepare.inspect(str(tmp_path), LLAMA2)
 
+
+@pytest.fixture
+def tier(tmp_path):
+    (tmp_path / 'in.txt').write_text('To be, or not to be.\n\nThat is the question.')
+    prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [4096], str(tmp_path), val_fraction=0.5, workers=1)
+    return tmp_path / 'llama2_v4096'
+
+
+def test_open_tier_gives_meta_and_bins(tier):
+    meta, bins = prepare.open_tier(str(tier))
+    assert meta == json.loads((tier / 'meta.json').read_text()) and set(bins) == {'train', 'val'}
+    for s, data in bins.items():
+        assert isinstance(data, np.memmap) and np.array_equal(data, np.fromfile(tier / f'{s}.bin', dtype=np.uint16))
+
+
+def without(key):
+    return lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != key})
+
+BROKEN_TIERS = [  # (file, what happens to it, the message): what a run checks before it trusts the bins
+    *[(f'{split}.bin', damage, message) for split, damage, message in DAMAGED_BINS],
+    ('meta.json', None, 'no prepared data in'),  # None: deleted
+    ('meta.json', lambda text: text[:40], r'meta.json is broken \(Unterminated string'),
+    ('meta.json', lambda text: '[1, 2]', r'meta.json is broken \(no "tokenizer"\)'),
+    ('meta.json', without('vocab_size'), r'meta.json is broken \(no "vocab_size"\)'),
+    ('val.bin', None, 'val.bin is missing'),
+    ('train.bin', lambda b: b * 2, 'train.bin has .* bytes but meta.json says'),
+]
+
+
+@pytest.mark.parametrize('name, damage, message', BROKEN_TIERS)
+def test_open_tier_refuses_a_tier_that_does_not_match_its_meta(tier, name, damage, message):
+    path = tier / name
+    if damage is None:
+        path.unlink()
+    elif name.endswith('.json'):
+        path.write_text(damage(path.read_text()))
+    else:
+        path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(PrepareError, match=message) as e:
+        prepare.open_tier(str(tier))
+    assert '\n' not in str(e.value) and 'run prepare.py' in str(e.value)
+
+
+def test_a_tokenizer_given_by_path_is_recorded_by_absolute_path(tmp_path, monkeypatch):
+    """Later commands load meta.json's tokenizer from any folder, with no download (offline here)."""
+    monkeypatch.setattr(prepare, 'CACHE', str(tmp_path / 'empty_cache'))
+    monkeypatch.setattr(prepare, 'LLAMA2_URL', 'http://127.0.0.1:9/tokenizer.model')  # nothing listens there
+    (tmp_path / 'in.txt').write_text('one\n\ntwo\n\nthree')
+    monkeypatch.chdir(os.path.dirname(os.path.abspath(LLAMA2)))
+    prepare.prepare(str(tmp_path / 'in.txt'), os.path.basename(LLAMA2), [512], str(tmp_path), val_fraction=0.5, workers=1)
+    meta = json.loads((tmp_path / 'llama2_v512' / 'meta.json').read_text())
+    assert meta['tokenizer'] == os.path.abspath(LLAMA2)
+    monkeypatch.chdir(tmp_path)
+    assert load_tokenizer(meta['tokenizer'], 512, sha256=meta['tokenizer_sha256']).vocab_size == 512
 
 def test_a_tokenizer_other_than_the_recorded_one_is_refused():
     right = load_tokenizer(LLAMA2, 512)
     assert load_tokenizer(LLAMA2, 512, sha256=right.sha256).sha256 == right.sha256
     with pytest.raises(PrepareError, match='is not the tokenizer file the data or checkpoint was made with'):
         load_tokenizer(LLAMA2, 512, sha256='0' * 64)
+
+
+def descendants(pid):
+    """Pids of the live processes below pid (from /proc: each stat holds the parent's pid)."""
+    children = collections.defaultdict(list)
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            state, ppid = open(f'/proc/{entry}/stat').read().rsplit(')', 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue  # not a process, or gone
+        if state != 'Z':
+            children[int(ppid)].append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found += children[todo[-1]]
+        todo += children[todo.pop()]
+    return found
+
+
+def alive(pid):
+    try:
+        return open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux only')
+def test_killed_prepare_takes_its_workers_with_it(tmp_path):
+    with open(tmp_path / 'big.txt', 'w', encoding='utf-8') as f:  # 20 MB: tokenizing takes far longer than the test
+        f.write(open(SHAKESPEARE, encoding='utf-8').read() * 20)
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), 'prepare.py'), '--input',
+                             str(tmp_path / 'big.txt'), '--tokenizer', LLAMA2, '--tiers', '512', '4096',
+                             '--out_dir', str(tmp_path / 'out'), '--workers', '2'],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 60
+        while len(workers := descendants(proc.pid)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert len(workers) >= 2, 'the workers never started'
+        time.sleep(1)  # past the workers' start-up
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while any(map(alive, workers)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(map(alive, workers)), f'workers {[w for w in workers if alive(w)]} outlived prepare.py'
+    finally:
+        proc.kill()
+        for w in workers:  # the test's own cleanup, when it failed
+            if alive(w):
+                os.kill(w, signal.SIGKILL)

@@ -8,12 +8,21 @@ train.py end to end on the CPU: tiny stages run as subprocesses, read back from 
     ddp       torchrun on 2 CPU ranks (gloo) gives one process's losses at the same global batch,
               for a scratch stage and a grown stage
     lr        every generation of a three-stage ladder follows its own schedule from the checkpoint's
-              generation table; with lr_mode='global' every generation follows the stage's schedule
+              generation table; with lr_mode='global' every generation follows the stage's schedule;
+              a WSD ladder: warmup from each birth, hold, old_lr_mult (cumulative), one cooldown at the
+              end to min_lr, against a reference written out again (wsd_lr_table prints it for the README)
     flops     flops_per_token against FlopCounterMode, exactly; the log's cumulative flops add up across
               a grow
-    errors    every bad input is a one-line error without a traceback, and nothing is written or overwritten
+    errors    every bad input is a one-line error without a traceback, and nothing is written or overwritten;
+              so is a resume that changes the run's schedule or optimizer keys (or lr_mode)
+    branch    a branch from a snapshot takes the parent's next step (lr, loss with dropout, tokens, flops),
+              then cools down to min_lr (linear; '1-sqrt' on a grown stage's two generations)
+    ramp      tier_ramp_iters: the old-tier rows per step fall 1 -> 0, come from the parent's tier, are
+              the same in two runs, and a resume mid-ramp is the uninterrupted run
+    bpb       the exact UTF-8 bytes of the pieces are the split's bytes; the scored windows hold the
+              split's bytes per token within 0.5%, in tiers 512, 1024 and 4096
 
-    python -m pytest -q test_train.py          (about a minute on 2 cores)
+    python -m pytest -q test_train.py          (about two and a half minutes on 2 cores)
 
 Log conventions read here: an 'eval' event at iter k carries the lr of step k (about to run); a 'train'
 event at iter k follows step k - 1 and carries that step's lr; tokens and flops count the steps done.
@@ -37,7 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from grow import grow_model
 from model import GPT, Block, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
-from prepare import load_tokenizer, prepare
+from prepare import eval_window_starts, load_tokenizer, prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.environ.get("ASSETS_DIR", os.path.join(HERE, "..", "shared", "assets"))
@@ -63,7 +72,7 @@ def schedule_args(s):
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    prepare(os.path.join(ASSETS, "tinyshakespeare.txt"), LLAMA2, [512, 1024], str(out), workers=1)
+    prepare(os.path.join(ASSETS, "tinyshakespeare.txt"), LLAMA2, [512, 1024, 4096], str(out), workers=1)
     return out
 
 
@@ -87,15 +96,14 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-def stage_args(data, k, parent=None, lr_mode="generation"):
+def stage_args(data, k, parent=None, lr_mode="generation", schedule=None):
     """Stage k (1, 2, 3) of the test ladder: 1 is tiny_stage1; 2 grows it on every axis (tiny_stage2);
-    3 grows stage 2 by one layer, same vocabulary."""
+    3 grows stage 2 by one layer, same vocabulary. schedule: its arguments (default: the cosine SCHEDULES')."""
+    schedule = schedule_args(SCHEDULES[k - 1]) if schedule is None else schedule
     if k == 1:
-        return ["config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, *schedule_args(SCHEDULES[0]),
-                f"--lr_mode={lr_mode}"]
+        return ["config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, *schedule, f"--lr_mode={lr_mode}"]
     return ["config/tiny_stage2.py", f"--data_dir={data / 'llama2_v1024'}", f"--grow_from={parent / 'ckpt.pt'}",
-            f"--tokenizer={LLAMA2}", *TINY, *schedule_args(SCHEDULES[k - 1]), f"--lr_mode={lr_mode}",
-            *(["--n_layer=4"] if k == 3 else [])]
+            f"--tokenizer={LLAMA2}", *TINY, *schedule, f"--lr_mode={lr_mode}", *(["--n_layer=4"] if k == 3 else [])]
 
 
 @pytest.fixture(scope="session")
@@ -105,6 +113,35 @@ def ladder(data, tmp_path_factory):
     dirs = {k: root / f"s{k}" for k in (1, 2, 3)}
     for k in (1, 2, 3):
         train(dirs[k], *stage_args(data, k, dirs.get(k - 1)))
+    return dirs
+
+
+# the WSD ladder: the same shapes, each generation warms up from its birth and holds; stage 2 scales the
+# older generation by 0.8, stage 3 by 0.5 more (gen 0 at 0.4 there); stage 3's last 4 iterations cool every
+# generation down to its min_lr. Stage 1 has dropout and a snapshot at 3, to branch from.
+WSD = [dict(warmup=2, lr=3e-3, min_lr=3e-4, mult=1.0, old_lr_mult=1.0, cooldown=0),
+       dict(warmup=3, lr=2e-3, min_lr=2e-4, mult=0.5, old_lr_mult=0.8, cooldown=0),
+       dict(warmup=2, lr=1e-3, min_lr=1e-4, mult=1.0, old_lr_mult=0.5, cooldown=4)]
+
+
+def wsd_args(s):
+    return ["--schedule=wsd", f"--warmup_iters={s['warmup']}", f"--learning_rate={s['lr']}", f"--min_lr={s['min_lr']}",
+            f"--lr_mult={s['mult']}", f"--old_lr_mult={s['old_lr_mult']}", f"--cooldown_iters={s['cooldown']}",
+            f"--max_iters={STAGE_ITERS}"]
+
+
+def wsd_stage_args(data, k, parent=None):
+    extra = ["--dropout=0.1", "--snapshot_interval=3"] if k == 1 else []
+    return stage_args(data, k, parent, schedule=wsd_args(WSD[k - 1])) + extra
+
+
+@pytest.fixture(scope="session")
+def wsd_ladder(data, tmp_path_factory):
+    """The WSD ladder's three stages: {stage: out_dir}."""
+    root = tmp_path_factory.mktemp("wsd")
+    dirs = {k: root / f"s{k}" for k in (1, 2, 3)}
+    for k in (1, 2, 3):
+        train(dirs[k], *wsd_stage_args(data, k, dirs.get(k - 1)))
     return dirs
 
 
@@ -289,6 +326,79 @@ def test_global_lr_mode_gives_every_generation_the_stages_schedule(ladder, data,
         {**g, **expected_table()[2], "gen": g["gen"]} for g in expected_table()]
 
 
+def reference_wsd_lr(stages, gen, k, it, shape="linear"):
+    """WSD, written out again: generation gen (born at stage gen + 1) at iteration it of stage k (1-based) of
+    a ladder of STAGE_ITERS-iteration stages. Warmup (t+1)/(warmup+1) from the birth, then its lr; in stage
+    k's cooldown window [end - cooldown, end] from there to its min_lr, linear in (it - begin) / cooldown
+    (or its square root for '1-sqrt'); times its mult and every later stage's old_lr_mult up to k."""
+    s, birth, end = stages[gen], gen * STAGE_ITERS, k * STAGE_ITERS
+    t = it - birth
+    assert 0 <= t and (k - 1) * STAGE_ITERS <= it <= end
+    lr = s["lr"] * (t + 1) / (s["warmup"] + 1) if t < s["warmup"] else s["lr"]
+    cooldown = stages[k - 1]["cooldown"]
+    if cooldown and it >= end - cooldown:
+        done = (it - (end - cooldown)) / cooldown
+        lr += (s["min_lr"] - lr) * (done if shape == "linear" else math.sqrt(done))
+    return lr * s["mult"] * math.prod(stages[m]["old_lr_mult"] for m in range(gen + 1, k))
+
+
+def wsd_lr_table(stages, iters):
+    """Markdown: every generation's WSD learning rate (columns) at the given iterations (rows), each
+    iteration in the stage that trains it (the last one also at its end)."""
+    lines = ["| iter | stage | " + " | ".join(f"gen {g} (born {g * STAGE_ITERS})" for g in range(len(stages))) + " |",
+             "| ---: | ---: |" + " ---: |" * len(stages)]
+    for it in iters:
+        k = min(it // STAGE_ITERS + 1, len(stages))
+        cells = [f"{reference_wsd_lr(stages, g, k, it):.2e}" if g < k else "-" for g in range(len(stages))]
+        lines.append(f"| {it} | {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def test_wsd_ladder_lr_of_every_generation(wsd_ladder):
+    """Warmup from each birth, hold, old_lr_mult from each later stage on (cumulative), one cooldown at the
+    end of the last stage down to each generation's min_lr."""
+    phases = set()
+    for k in (1, 2, 3):
+        events = [e for e in read_log(wsd_ladder[k]) if "lr" in e]
+        assert {step_of(e) for e in events} == set(range((k - 1) * STAGE_ITERS, k * STAGE_ITERS + 1))
+        for e in events:
+            it = step_of(e)
+            assert sorted(map(int, e["lr"])) == list(range(k)), e
+            for gen, lr in e["lr"].items():
+                g = int(gen)
+                assert lr == pytest.approx(reference_wsd_lr(WSD, g, k, it), rel=1e-12), (k, e["event"], it, g)
+                t = it - g * STAGE_ITERS
+                phases.add((g, k, "warmup" if t < WSD[g]["warmup"] else
+                            "cooldown" if WSD[k - 1]["cooldown"] and it > k * STAGE_ITERS - WSD[k - 1]["cooldown"]
+                            else "stable"))
+    assert {(0, 1, "warmup"), (0, 1, "stable"), (1, 2, "warmup"), (1, 2, "stable"), (2, 3, "warmup"),
+            (2, 3, "stable"), (0, 3, "cooldown"), (1, 3, "cooldown"), (2, 3, "cooldown")} <= phases
+    assert ("cooldown" not in {p for _, k, p in phases if k < 3})
+    # the literal numbers, not only the reference's: the stable phase of every generation at stage 3
+    # (gen 0: 3e-3 x 0.8 x 0.5, gen 1: 2e-3 x 0.5 x 0.5, gen 2: 1e-3), and the end of the cooldown at min_lr
+    log3 = {(e["event"], e["iter"]): e["lr"] for e in read_log(wsd_ladder[3]) if "lr" in e}
+    assert log3["train", 15] == pytest.approx({"0": 1.2e-3, "1": 5e-4, "2": 1e-3}, rel=1e-12)  # step 14
+    assert log3["train", 16] == pytest.approx({"0": 1.2e-3 - 0.25 * 1.08e-3, "1": 5e-4 - 0.25 * 4.5e-4,
+                                               "2": 1e-3 - 0.25 * 9e-4}, rel=1e-12)  # step 15
+    assert log3["eval", 18] == pytest.approx({"0": 3e-4 * 0.4, "1": 2e-4 * 0.25, "2": 1e-4}, rel=1e-12)
+
+
+def test_wsd_lr_table_for_the_readme(wsd_ladder):
+    """Prints the WSD ladder's table (pytest -s); the README shows it."""
+    iters = list(range(3 * STAGE_ITERS + 1))
+    table = wsd_lr_table(WSD, iters)
+    print("\n" + table)
+    rows = table.splitlines()
+    assert len(rows) == 2 + len(iters) and all(r.count("|") == 2 + len(WSD) + 1 for r in rows)
+    assert [r.count("| -") for r in rows[2:]] == [2] * STAGE_ITERS + [1] * STAGE_ITERS + [0] * (STAGE_ITERS + 1)
+    # the table is what the ladder logged (to its 3 digits): the lr of every step each stage trained, and the end
+    for k in (1, 2, 3):
+        for e in read_log(wsd_ladder[k]):
+            if "lr" in e and (step_of(e) < k * STAGE_ITERS or k == 3):
+                cells = rows[2 + step_of(e)].split("|")[3:3 + k]
+                assert [float(c) for c in cells] == pytest.approx([e["lr"][str(g)] for g in range(k)], rel=5e-3)
+
+
 # -----------------------------------------------------------------------------
 # 5. FLOPs
 
@@ -427,6 +537,25 @@ def test_an_out_dir_holding_a_run_is_refused_and_kept(ladder, data, tmp_path):
         assert snapshot(out_dir) == before
 
 
+def test_a_resume_that_changes_the_runs_schedule_or_optimizer_is_refused_and_kept(wsd_ladder, data, tmp_path):
+    """A resume continues the run as it was set up: another optimizer or schedule key, lr_mode, or (once a
+    cooldown is placed at the stage's end) max_iters is a one-line error pointing to a branch, and the
+    out_dir (checkpoint, log) stays as it was."""
+    for k, override, message in [(1, "--weight_decay=1e9", "weight_decay=1000000000.0 (the run's: 0.1)"),
+                                 (1, "--learning_rate=0.01", "learning_rate=0.01 (the run's: 0.003)"),
+                                 (1, "--lr_mode=global", "lr_mode=global (the run's: generation)"),
+                                 (3, "--max_iters=8", "max_iters=8 (the run's: 6)")]:
+        out_dir = tmp_path / f"s{k}"
+        if not out_dir.exists():
+            shutil.copytree(wsd_ladder[k], out_dir)
+        before = snapshot(out_dir)
+        r = run(*wsd_stage_args(data, k, wsd_ladder.get(k - 1)), f"--out_dir={out_dir}", "--init_from=resume",
+                override)
+        assert_one_line_error(r, f"--init_from=resume continues the run as it was set up, but {message}")
+        assert f"--init_from=branch --branch_from={out_dir / 'ckpt.pt'}" in r.stderr
+        assert snapshot(out_dir) == before, override
+
+
 # -----------------------------------------------------------------------------
 # 7. options that change how a run computes or writes, not what it learns
 
@@ -523,3 +652,146 @@ def test_a_checkpoint_grown_by_grow_py_resumes_as_a_new_stage(ladder, data, tmp_
     assert load_checkpoint(out / "ckpt.pt")["generations"] == expected_table()[:2]
     for e in log:
         assert e["lr"]["1"] == pytest.approx(reference_lr(expected_table()[1], step_of(e)), rel=1e-12), e
+
+
+# -----------------------------------------------------------------------------
+# 8. branches: a new run from another run's checkpoint, typically its cooldown
+
+
+def branch_args(data, ladder, k, ckpt, iters, *extra):
+    """Stage k of the WSD ladder's own arguments, branched from ckpt for a cooldown over `iters` iterations."""
+    return [*wsd_stage_args(data, k, ladder.get(k - 1)), "--init_from=branch", f"--branch_from={ckpt}", f"--max_iters={iters}",
+            f"--cooldown_iters={iters}", *extra]
+
+
+def test_a_branch_takes_the_parents_next_step_then_cools_down(wsd_ladder, data, tmp_path):
+    """Stage 1 (dropout 0.1, so the RNG must come back too) ran 6 iterations with a snapshot at 3; a branch
+    from the snapshot takes step 3 -> 4 as the parent did (same lr, same loss), then decays to min_lr."""
+    s1 = wsd_ladder[1]
+    assert load_checkpoint(s1 / "ckpt_3.pt")["iter_num"] == 3  # a snapshot, kept while ckpt.pt moved on
+    assert os.path.samefile(s1 / "ckpt_6.pt", s1 / "ckpt.pt")
+    parent = {(e["event"], e["iter"]): e for e in read_log(s1)}
+    log = train(tmp_path / "cool", *branch_args(data, wsd_ladder, 1, s1 / "ckpt_3.pt", 3))
+    assert log[0]["event"] == "branch" and log[0]["iter"] == 3
+    assert (log[0]["tokens"], log[0]["flops"]) == (parent["eval", 3]["tokens"], parent["eval", 3]["flops"]) != (0, 0)
+    events = {(e["event"], e["iter"]): e for e in log[1:]}
+    assert list(events) == [("eval", 3), ("train", 4), ("train", 5), ("train", 6), ("eval", 6)]
+    assert events["eval", 3]["val_loss"] == pytest.approx(parent["eval", 3]["val_loss"], rel=1e-6)
+    first = events["train", 4]
+    assert first["lr"] == parent["train", 4]["lr"] == {"0": 3e-3}
+    assert first["train_loss"] == pytest.approx(parent["train", 4]["train_loss"], rel=1e-6)
+    for key, e in events.items():  # the counters go on from the parent's
+        assert (e["tokens"], e["flops"]) == (parent[key]["tokens"], parent[key]["flops"]), key
+        done = (step_of(e) - 3) / 3  # linear from the stable 3e-3 to min_lr 3e-4 over steps 3, 4, 5; 6 is the end
+        assert e["lr"]["0"] == pytest.approx(3e-3 + (3e-4 - 3e-3) * done, rel=1e-12), key
+    assert events["eval", 6]["lr"] == {"0": pytest.approx(3e-4, rel=1e-12)}
+    # a branch keeps the parent's shape
+    r = run(*branch_args(data, wsd_ladder, 1, s1 / "ckpt_3.pt", 3, "--n_layer=3"), f"--out_dir={tmp_path / 'deeper'}")
+    assert_one_line_error(r, "--init_from=branch keeps the checkpoint's shape, but n_layer=3 (checkpoint: 2)")
+    assert not (tmp_path / "deeper").exists()
+
+
+def test_a_branch_of_a_grown_stage_cools_every_generation_down_1_sqrt(wsd_ladder, data, tmp_path):
+    """Stage 2's end (two generations, gen 0 at stage 2's old_lr_mult 0.8, gen 1 at lr_mult 0.5), branched
+    with stage 2's own arguments for a '1-sqrt' cooldown of 4: each from its stage-2 LR to its min_lr."""
+    stage2 = {e["iter"]: e for e in read_log(wsd_ladder[2]) if e["event"] == "eval"}
+    log = train(tmp_path / "cool", *branch_args(data, wsd_ladder, 2, wsd_ladder[2] / "ckpt.pt", 4, "--cooldown_shape=1-sqrt"))
+    events = [e for e in log if "lr" in e]
+    assert {step_of(e) for e in events} == {12, 13, 14, 15, 16}
+    assert events[0]["lr"] == stage2[12]["lr"]  # the step the parent would have taken next
+    for e in events:
+        for g in (0, 1):
+            stable = reference_wsd_lr(WSD, g, 2, 12)
+            floor = WSD[g]["min_lr"] * stable / WSD[g]["lr"]  # min_lr at the generation's multiplier
+            expected = stable + (floor - stable) * math.sqrt((step_of(e) - 12) / 4)
+            assert e["lr"][str(g)] == pytest.approx(expected, rel=1e-12), (e, g)
+
+
+# -----------------------------------------------------------------------------
+# 9. tier ramp: after a vocabulary growth, rows come from the parent's tier with odds falling 1 -> 0
+
+
+def test_tier_ramp_falls_from_the_parents_tier_and_resumes_exactly(ladder, data, tmp_path):
+    """Stage 2 grows v512 -> v1024 with a ramp of 4: steps 6..9 draw a row from v512 with odds 1, 3/4, 1/2,
+    1/4 (train events 7..10), none after. A resume inside the ramp (at 9) is the uninterrupted run."""
+    args = [*stage_args(data, 2, ladder[1]), "--tier_ramp_iters=4"]
+    whole = train(tmp_path / "whole", *args)
+    train(tmp_path / "split", *args, "--max_iters=3")
+    split = train(tmp_path / "split", *args, "--init_from=resume", f"--max_iters={STAGE_ITERS}")
+    assert_same_run(split, whole, rel=1e-6)
+    old = {e["iter"]: e.get("old_tier_rows", 0.0) for e in whole if e["event"] == "train"}
+    assert old == {e["iter"]: e.get("old_tier_rows", 0.0) for e in split if e["event"] == "train"}
+    assert list(old) == list(range(STAGE_ITERS + 1, 2 * STAGE_ITERS + 1))
+    rows = 16  # batch_size x grad_accum_steps
+    counts = {it: f * rows for it, f in old.items()}
+    assert all(c == int(c) for c in counts.values()), old
+    assert counts[7] == rows and counts[11] == counts[12] == 0, old  # every row at the growth, none after
+    # in between, binomial(16, 3/4), (16, 1/2), (16, 1/4): 24 rows expected (sd 3.2), and falling
+    assert abs(counts[8] + counts[9] + counts[10] - 24) <= 10 and counts[8] > counts[10], old
+    assert first_train_loss(whole) != first_train_loss(read_log(ladder[2]))  # v512 rows, not the ladder's v1024
+
+    # the old rows are the parent tier's: with its train.bin all one token (id 100), the first step's rows
+    # are all that sequence, and its loss is the grown model's on it
+    poison = tmp_path / "v512_poisoned"
+    poison.mkdir()
+    for f in ("meta.json", "val.bin"):
+        shutil.copy(data / "llama2_v512" / f, poison)
+    n = len(np.memmap(data / "llama2_v512" / "train.bin", dtype=np.uint16, mode="r"))
+    np.full(n, 100, dtype=np.uint16).tofile(poison / "train.bin")
+    log = train(tmp_path / "poisoned", *args, f"--parent_data_dir={poison}", "--max_iters=1")
+    first = [e for e in log if e["event"] == "train"][0]
+    assert first["old_tier_rows"] == 1.0
+    torch.manual_seed(0)
+    grown, _ = grow_model(model_from_checkpoint(load_checkpoint(ladder[1] / "ckpt.pt")),
+                          GPTConfig(vocab_size=1024, n_layer=3, n_head=3, head_dim=16, ffn_hidden=128, block_size=64),
+                          tokenizer=load_tokenizer(LLAMA2, 1024))
+    x = torch.full((1, 64), 100)
+    assert first["train_loss"] == pytest.approx(grown(x, x)[1].item(), rel=1e-5)  # (the real v512's: 6.74)
+
+
+def first_train_loss(log):
+    return [e for e in log if e["event"] == "train"][0]["train_loss"]
+
+
+# -----------------------------------------------------------------------------
+# 10. bits per byte: the split's bytes per token is what the scored windows hold
+
+
+def token_bytes(data, bos_id):
+    """UTF-8 bytes that each token of `data` stands for, from the SentencePiece model's pieces: a byte token
+    1, a normal piece its text with '▁' as a space, BOS 0; the fallback run E2 96 81 (a space that does not
+    merge at this tier) is one space, counted on its first token; after a BOS, the space that SentencePiece's
+    dummy prefix adds is no text, so the first piece loses its leading space (a fallback run: all of it)."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=LLAMA2)
+    pieces = [sp.id_to_piece(i) for i in range(int(data.max()) + 1)]
+    byte = {i: int(p[3:5], 16) for i, p in enumerate(pieces) if sp.is_byte(i)}
+    counts, j = np.zeros(len(data), dtype=np.int64), 0
+    while j < len(data):
+        i, after_bos = int(data[j]), j > 0 and data[j - 1] == bos_id
+        if [byte.get(int(t)) for t in data[j:j + 3]] == [0xE2, 0x96, 0x81]:
+            counts[j], j = 0 if after_bos else 1, j + 3
+            continue
+        if i in byte:
+            counts[j] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i)):
+            counts[j] = len(pieces[i].replace("▁", " ").encode()) - (after_bos and pieces[i].startswith("▁"))
+        j += 1
+    return counts
+
+
+@pytest.mark.parametrize("tier", [512, 1024, 4096])
+def test_bits_per_byte_uses_the_bytes_the_scored_windows_hold(data, tier):
+    """bpb = nats/token x tokens/bytes of the split: right only if the windows' targets hold the split's bytes
+    per token. Exactly over the whole split; within 0.5% for the tiny configs' windows (128 x 64) and the
+    experiment's (512 x 1024)."""
+    tier_dir = data / f"llama2_v{tier}"
+    with open(tier_dir / "meta.json") as f:
+        meta = json.load(f)
+    val = np.memmap(tier_dir / "val.bin", dtype=np.uint16, mode="r")
+    counts = token_bytes(val, meta["bos_id"])
+    assert len(val) == meta["val"]["tokens"] and counts.sum() == meta["val"]["bytes"]
+    per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
+    for n, T in ((128, 64), (512, 1024)):
+        scored = sum(counts[s + 1:s + 1 + T].sum() for s in eval_window_starts(len(val), n, T))  # the targets y
+        assert scored / (n * T) == pytest.approx(per_token, rel=5e-3), (n, T)

@@ -30,7 +30,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import GrowError, grow_checkpoint
-from model import GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import CHECKPOINT_KEYS, GPT, GPTConfig, RESUME_KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
+import prepare
 from prepare import eval_window_starts
 
 # -----------------------------------------------------------------------------
@@ -46,7 +47,7 @@ write_checkpoints = True  # False: evaluate but never write ckpt.pt (benchmark r
 snapshot_interval = 0  # also keep ckpt_<iter>.pt every this many iterations, to branch from later (0: off)
 # data
 data_dir = "data/tinyshakespeare/llama2_v512"  # a tier written by prepare.py
-tokenizer = "llama2"  # for new vocabulary rows at the mean of their pieces: a tokenizer.model path, or a name
+tokenizer = "llama2"  # for new rows at their pieces' mean: a tokenizer.model path or name; "llama2": meta.json's
 tier_ramp_iters = 0  # after a vocabulary growth, rows come from the parent's tier with odds falling 1 -> 0 (0: off)
 # model
 vocab_size = 512
@@ -163,14 +164,11 @@ def log(msg):
 # ---- data -------------------------------------------------------------------
 
 def open_tier(path):
-    """The tier's bins as memmaps, with meta.json."""
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.isfile(meta_path):
-        raise SystemExit(f"no prepared data in {path}: run prepare.py for this tier first")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    bins = {s: np.memmap(os.path.join(path, f"{s}.bin"), dtype=np.uint16, mode="r") for s in ("train", "val")}
-    return meta, bins
+    """(meta.json, the bins as memmaps) of a tier, checked by prepare.open_tier; a problem is one line."""
+    try:
+        return prepare.open_tier(path)
+    except prepare.PrepareError as e:
+        raise SystemExit(str(e))
 
 
 meta, bins = open_tier(data_dir)
@@ -252,15 +250,17 @@ def stage_schedule(gen, birth):
 def start_stage(generations, born):
     """This stage's settings on every generation's record: with lr_mode='global' each takes this stage's
     schedule from its start; those born before it (not in `born`) run at old_lr_mult times their LR;
-    all share the stage's cooldown window (none when cooldown_iters is 0)."""
+    all share the stage's cooldown window (none when cooldown_iters is 0). A branch goes on with its parent's
+    stage, so it keeps the records as they were (no new clock, no second old_lr_mult) and sets the cooldown."""
     end = stage_start + max_iters
     cooldown = [end - cooldown_iters, end] if cooldown_iters else None
+    new_stage = init_from != "branch"
     records = []
     for g in generations:
         g = {"schedule": "cosine", **g}  # records from before WSD were cosine
-        if lr_mode == "global":
+        if new_stage and lr_mode == "global":
             g.update(stage_schedule(g["gen"], stage_start))
-        if g["gen"] not in born:
+        if new_stage and g["gen"] not in born:
             g["mult"] *= old_lr_mult
         records.append({**g, "cooldown": cooldown, "cooldown_shape": cooldown_shape})
     return records
@@ -363,9 +363,10 @@ def parent_tier(ckpt):
 
 def grow(ckpt):
     """The parent's model grown to this config: a new generation with this stage's schedule."""
+    tok = meta["tokenizer"] if tokenizer == "llama2" else tokenizer  # the default: the file the tier records
     try:
         model, optim_state, generations = grow_checkpoint(
-            ckpt, model_config, tokenizer=tokenizer, schedule=stage_schedule(0, 0), reset_optimizer=reset_optimizer,
+            ckpt, model_config, tokenizer=tok, schedule=stage_schedule(0, 0), reset_optimizer=reset_optimizer,
             condense_upto=condense_upto, layer_place=layer_place, layer_init=layer_init, vocab_init=vocab_init,
             head_init=head_init)
     except GrowError as e:
@@ -393,7 +394,9 @@ t_load, parent = time.time(), None
 if init_from == "scratch":
     run = scratch()
 else:
-    ckpt = load_checkpoint({"resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from])
+    # all three go on from the checkpoint's run (tier_ramp is optional); a growth also reads the parent's last_val_bpb
+    keys = CHECKPOINT_KEYS + RESUME_KEYS + (("last_val_bpb",) if init_from == "grow" else ())
+    ckpt = load_checkpoint({"resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from], keys)
     check_tokenizer(ckpt)
     run = {"resume": resume, "grow": grow, "branch": branch}[init_from](ckpt)
     if init_from == "grow":
