@@ -1,5 +1,5 @@
 """
-The invariants of growth (DESIGN.md sections 3-4), on the CPU, in float64, on tiny random models:
+The invariants of growth (GROWTH.md sections 1-2), on the CPU, in float64, on tiny random models:
 
     function     a grown model gives the old logits on the old vocabulary, to float64 round-off
     gradients    the first backward pass gives every old block the gradient it had before growth, times
