@@ -10,12 +10,9 @@ import export
 import sample
 from grow import grow_model
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
-from prepare import load_tokenizer
+from prepare import LLAMA2_PATH as LLAMA2, load_tokenizer
 
-ASSETS = os.environ.get("ASSETS_DIR", os.path.join(os.path.dirname(__file__), "..", "shared", "assets"))
-LLAMA2 = os.path.join(ASSETS, "llama2_tokenizer.model")
 TIER = 1024
-pytestmark = pytest.mark.skipif(not os.path.exists(LLAMA2), reason=f"assets not found in {ASSETS}")
 
 
 @pytest.fixture(scope="module")

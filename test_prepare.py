@@ -1,19 +1,20 @@
 """Tests for prepare.py: exact round trips in every tier, the shared split, errors, interrupted writes."""
-import base64, collections, json, lzma, os, random, re
+import base64, collections, hashlib, json, lzma, os, random, re, subprocess, sys
 import numpy as np
 import pytest
 import prepare
 from prepare import PrepareError, load_tokenizer, read_documents
 
-ASSETS = os.environ.get('ASSETS_DIR', os.path.join(os.path.dirname(__file__), '..', 'shared', 'assets'))
-LLAMA2 = os.path.join(ASSETS, 'llama2_tokenizer.model')
-SHAKESPEARE = os.path.join(ASSETS, 'tinyshakespeare.txt')
+LLAMA2 = prepare.LLAMA2_PATH  # the assets shipped in assets/: no test needs a download
+SHAKESPEARE = prepare.DATASETS['tinyshakespeare']['path']  # tinyshakespeare.txt.xz
 TIERS = [259, 4096, 8192, 16384, 32000]
 # spaces at the start, runs of spaces, tabs, digits, accents, CJK, emoji, a lone combining mark
 SMALL_DOCS = ['Hello world!', ' a leading space', '   three spaces,  two,\tand a tab', 'Zahl 2024: 3.14159',
               'café naïve façade', '日本語のテキスト', 'emoji 🦙🚀 and e\u0301', 'ends with spaces   ', '\u2028odd line sep']
 
-pytestmark = pytest.mark.skipif(not os.path.exists(LLAMA2), reason=f'assets not found in {ASSETS}')
+def shakespeare_text():
+    with lzma.open(SHAKESPEARE, 'rt', encoding='utf-8') as f:
+        return f.read()
 
 @pytest.fixture(scope='module')
 def toks():
@@ -51,8 +52,8 @@ def test_shakespeare_every_tier(tmp_path, toks):
         previous = meta['train']['tokens'] + meta['val']['tokens']
 
 def test_line_by_line_encode_is_sentencepiece(toks):
-    text = open(SHAKESPEARE, encoding='utf-8').read()
-    for n, count in ((4096, 454_410), (32000, 368_633)):  # the whole file, as counted in DESIGN.md
+    text = shakespeare_text()
+    for n, count in ((4096, 454_410), (32000, 368_633)):  # the whole file, as counted in GROWTH.md section 4
         ids = toks[n].encode(text)
         assert len(ids) == count and ids == toks[n].sp.encode(text)
     for n, tok in toks.items():
@@ -99,7 +100,7 @@ def test_old_tier_pieces(toks, old, new):
 
 def small_rank_table(path, merges=120):
     """A GPT-2-style .tiktoken rank file: the 256 bytes, then merges learned on tinyshakespeare."""
-    text = open(SHAKESPEARE, encoding='utf-8').read()[:200_000]
+    text = shakespeare_text()[:200_000]
     words = collections.Counter(tuple(bytes([c]) for c in w.encode()) for w in re.findall(r' ?\w+| ?[^\w\s]+|\s+', text))
     ranks = {bytes([b]): b for b in range(256)}
     for _ in range(merges):
@@ -190,11 +191,25 @@ def test_input_errors(tmp_path):
         prepare.prepare(str(tmp_path / 'empty.txt'), LLAMA2, [4096], str(tmp_path / 'out'), workers=1)
     assert not os.path.exists(tmp_path / 'out' / 'llama2_v4096' / 'train.bin')
 
-def test_offline_download_fails_at_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, 'CACHE', str(tmp_path))
-    monkeypatch.setattr(prepare, 'LLAMA2_URL', 'http://127.0.0.1:9/tokenizer.model')  # nothing listens there
-    with pytest.raises(PrepareError, match='offline.*prepare.py: --input/--tokenizer; train.py.*--tokenizer=PATH'):
-        load_tokenizer('llama2', 4096)
+def test_offline_download_fails_at_once(tmp_path):
+    with pytest.raises(PrepareError, match='offline.*--input FILE'):  # nothing listens on port 9
+        prepare.download('http://127.0.0.1:9/input.txt', str(tmp_path / 'input.txt'))
+    assert os.listdir(tmp_path) == []
+
+def test_the_defaults_are_shipped_and_need_no_network(tmp_path):
+    """The default tokenizer and dataset are the files in assets/, as assets/README.md describes them;
+    prepare.py's CLI makes the tinyshakespeare tiers with every download pointed at a dead proxy."""
+    assert load_tokenizer('llama2', 512).sha256 == prepare.LLAMA2_SHA256 == prepare.file_sha256(LLAMA2)
+    assert hashlib.sha256(shakespeare_text().encode()).hexdigest() == \
+        '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
+    dead = 'http://127.0.0.1:9'
+    env = {**os.environ, 'HTTP_PROXY': dead, 'HTTPS_PROXY': dead, 'http_proxy': dead, 'https_proxy': dead}
+    r = subprocess.run([sys.executable, 'prepare.py', '--dataset', 'tinyshakespeare', '--tiers', '512',
+                        '--out_dir', str(tmp_path), '--workers', '1'], cwd=os.path.dirname(prepare.__file__),
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / 'llama2_v512' / 'meta.json').read_text())
+    assert meta['source'] == SHAKESPEARE and meta['tokenizer_sha256'] == prepare.LLAMA2_SHA256
 
 def test_bad_doc_sep_is_one_line(tmp_path):
     (tmp_path / 'in.txt').write_text('one\n\ntwo')
