@@ -1,7 +1,7 @@
 """colab.ipynb runs, executed as Colab would but on the CPU with COLAB_SMOKE=1 (the tiny ladder only,
 into a temporary folder): every cell without an error, growth keeps the function, and the plot is drawn.
 
-    python -m pytest -q test_notebook.py          (about half a minute on 2 cores)
+    python -m pytest -q test_notebook.py          (about 20 s on 2 cores)
 """
 
 import json
