@@ -1,7 +1,7 @@
 """
 Grow a model, and its AdamW state, to a larger GPTConfig while it computes the same function.
 
-The rule (DESIGN.md section 3): in every new path zero exactly one side, the side that
+The rule (GROWTH.md section 1): in every new path zero exactly one side, the side that
 *writes* into something the old model already reads, and draw the other side, so the
 function is kept and every new weight gets a gradient at the first step.
 

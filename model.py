@@ -4,7 +4,7 @@ A Llama-2-style GPT whose weights can grow.
 Architecture (Llama 2): RMSNorm pre-norm, SwiGLU FFN, RoPE, causal attention through
 F.scaled_dot_product_attention, no biases, untied embedding and lm_head.
 
-Growth (see grow.py and DESIGN.md sections 3-4): every weight is a `Growable`, which keeps
+Growth (see grow.py and GROWTH.md sections 1-2): every weight is a `Growable`, which keeps
 one nn.Parameter per *generation block*: the rectangle it was born with, then for every
 growth the strip of new input columns (`g<k>_cols`) and the strip of new output rows
 (`g<k>_rows`). The forward assembles the full weight (a no-op when there is one block), so

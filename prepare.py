@@ -1,16 +1,18 @@
 """
 Text -> memmapped uint16 token bins, one folder per vocabulary tier.
 
-Each tier N is the Llama 2 SentencePiece model cut to its first N pieces (DESIGN.md section 6):
+Each tier N is the Llama 2 SentencePiece model cut to its first N pieces (GROWTH.md section 4):
 the same text, encoded with a smaller vocabulary, into more tokens, and id i means the same piece
 in every tier. Output: <out_dir>/<tokenizer>_v<N>/{train,val}.bin (each document starts with BOS)
 and meta.json with the token and UTF-8 byte counts that bits per byte needs.
 
+The Llama 2 tokenizer ('llama2', the default) and tinyshakespeare are in assets/ (assets/README.md):
+they need no download. The other datasets are downloaded once into data/downloads.
+
 $ python prepare.py                                        # tinyshakespeare, tiers 4096..32000
 $ python prepare.py --dataset tinystories --workers 16     # also: c4 (one shard of a web corpus)
-$ python prepare.py --dataset gutenberg --input ../shared/assets/gutenberg_en.jsonl.xz \\
-      --tokenizer ../shared/assets/llama2_tokenizer.model --tiers 4096 8192 16384 32000
-  (gutenberg holds out the 16 books of SOURCES.md, i.e. --val_ids 159,215,564,600,696,1424,
+$ python prepare.py --dataset gutenberg --input PATH/gutenberg_en.jsonl.xz --tiers 4096 8192 16384 32000
+  (gutenberg holds out the 16 books of assets/README.md, i.e. --val_ids 159,215,564,600,696,1424,
    1572,1689,2130,2527,2814,8164,11339,28767,50701,51461, and writes to data/gutenberg)
 $ python prepare.py --input my_texts/ --tokenizer gpt2 --tiers 8192 50257
 $ python prepare.py --inspect data/tinyshakespeare/llama2_v4096
@@ -23,13 +25,13 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, 'data', 'downloads')
-LLAMA2_URL = 'https://raw.githubusercontent.com/karpathy/llama2.c/master/tokenizer.model'
+ASSETS = os.path.join(HERE, 'assets')  # shipped with the code: the default tokenizer and dataset (assets/README.md)
+LLAMA2_PATH = os.path.join(ASSETS, 'llama2_tokenizer.model')
 LLAMA2_SHA256 = '9e556afd44213b6bd1be2b850ebbbd98f5481437a8021afaf58ee7fb1818d347'
 BLANK_LINE = r'\n\s*\n'
 GUTENBERG_VAL_IDS = [159, 215, 564, 600, 696, 1424, 1572, 1689, 2130, 2527, 2814, 8164, 11339, 28767, 50701, 51461]
-DATASETS = {  # sha256 None: the server's LFS sha256 is checked if it sends one
-    'tinyshakespeare': dict(url='https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
-                            sha256='86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'),
+DATASETS = {  # path: in assets/; url: downloaded (sha256 None: the server's LFS sha256 is checked if it sends one)
+    'tinyshakespeare': dict(path=os.path.join(ASSETS, 'tinyshakespeare.txt.xz')),
     'tinystories': dict(url='https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt',
                         sha256=None, doc_sep=r'\s*<\|endoftext\|>\s*'),
     'c4': dict(url='https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-train.00000-of-01024.json.gz', sha256=None),
@@ -64,8 +66,7 @@ def download(url, path, sha256=None):
             for block in r.iter_content(1 << 20):
                 bar.update(f.write(block))
     except requests.RequestException as e:
-        raise PrepareError(f'cannot download {url} ({type(e).__name__}); offline? pass a local file (prepare.py: '
-                           '--input/--tokenizer; train.py, sample.py, export.py: --tokenizer=PATH/tokenizer.model)')
+        raise PrepareError(f'cannot download {url} ({type(e).__name__}); offline? pass a local copy with --input FILE')
     if sha256 and file_sha256(part) != sha256:
         os.remove(part)
         raise PrepareError(f'{url}: sha256 mismatch, the download was removed; run again')
@@ -195,13 +196,13 @@ def check_vocab_size(n, lo, hi, what):
         raise PrepareError(f'tier {n} does not fit the uint16 bins; pick a tier <= 65536')
 
 def load_tokenizer(path_or_name, vocab_size, gpt2_ranks=None, sha256=None):
-    """'llama2' (downloaded and cached), a SentencePiece .model path, or 'gpt2', cut to vocab_size ids.
+    """'llama2' (assets/llama2_tokenizer.model), a SentencePiece .model path, or 'gpt2', cut to vocab_size ids.
     sha256: the file a tier or checkpoint was made with (meta.json, ckpt['data']); another is refused."""
     if path_or_name == 'gpt2':
         tok = TiktokenTokenizer(gpt2_ranks, vocab_size)
     else:
         if path_or_name in (None, 'llama2'):
-            path_or_name = download(LLAMA2_URL, os.path.join(CACHE, 'llama2_tokenizer.model'), LLAMA2_SHA256)
+            path_or_name = LLAMA2_PATH
         tok = SentencePieceTokenizer(path_or_name, vocab_size)
     if sha256 and tok.sha256 != sha256:
         raise PrepareError(f'{path_or_name} is not the tokenizer file the data or checkpoint was made with '
@@ -386,7 +387,7 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
             for n in secs:
                 seconds[n] += secs[n]
 
-        # the workers load the tokenizer as this process did (a download is cached by now)
+        # the workers load the tokenizer as this process did
         with ProcessPoolExecutor(workers, initializer=init_worker,
                                  initargs=(tokenizer, todo, gpt2_ranks, os.getpid())) as pool:
             pending = deque()  # a few batches in flight keep every worker busy and memory bounded
@@ -507,7 +508,7 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--input', help='a .txt/.jsonl/.jsonl.xz/.json.gz file or a folder of them')
     parser.add_argument('--dataset', choices=DATASETS, help='a built-in source (tinyshakespeare when no --input)')
-    parser.add_argument('--tokenizer', default='llama2', help='llama2 (downloaded), PATH/tokenizer.model, or gpt2')
+    parser.add_argument('--tokenizer', default='llama2', help='llama2 (in assets/), PATH/tokenizer.model, or gpt2')
     parser.add_argument('--gpt2_ranks', help='a local .tiktoken rank file for --tokenizer gpt2')
     parser.add_argument('--tiers', type=int, nargs='+', default=[4096, 8192, 16384, 32000])
     parser.add_argument('--out_dir', help='default data/<dataset>')
@@ -525,10 +526,10 @@ if __name__ == '__main__':
         name = args.dataset or ('tinyshakespeare' if not args.input else re.sub(r'\..*', '', os.path.basename(
             os.path.normpath(args.input))))
         ds = DATASETS.get(name, {})
-        if not args.input and not ds.get('url'):
+        if not args.input and not (ds.get('url') or ds.get('path')):
             raise PrepareError(f'{name} has no download; pass --input PATH')
         url = ds.get('url')
-        input = args.input or download(url, os.path.join(CACHE, name, os.path.basename(url)), ds['sha256'])
+        input = args.input or ds.get('path') or download(url, os.path.join(CACHE, name, os.path.basename(url)), ds['sha256'])
         val_ids = [int(x) for x in args.val_ids.split(',')] if args.val_ids else ds.get('val_ids')
         prepare(input, args.tokenizer, args.tiers, args.out_dir or os.path.join('data', name), args.val_fraction,
                 val_ids, args.doc_sep or ds.get('doc_sep', BLANK_LINE), args.whole_file, args.workers, args.gpt2_ranks)

@@ -11,12 +11,9 @@ import prepare
 import sample
 from grow import grow_model
 from model import CHECKPOINT_FORMAT, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
-from prepare import load_tokenizer
+from prepare import LLAMA2_PATH as LLAMA2, load_tokenizer
 
-ASSETS = os.environ.get("ASSETS_DIR", os.path.join(os.path.dirname(__file__), "..", "shared", "assets"))
-LLAMA2 = os.path.join(ASSETS, "llama2_tokenizer.model")
 TIER = 1024
-pytestmark = pytest.mark.skipif(not os.path.exists(LLAMA2), reason=f"assets not found in {ASSETS}")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +103,6 @@ def test_the_recorded_tokenizer_needs_no_flag(ckpt_path, tmp_path, monkeypatch, 
     """prepare.py records a tokenizer given by path as its absolute path, and train.py copies meta.json's
     record into the checkpoint: sample.py and export.py find it from any folder, offline, without --tokenizer."""
     monkeypatch.setattr(prepare, "CACHE", str(tmp_path / "empty_cache"))
-    monkeypatch.setattr(prepare, "LLAMA2_URL", "http://127.0.0.1:9/tokenizer.model")  # nothing listens there
     (tmp_path / "in.txt").write_text("one\n\ntwo")
     monkeypatch.chdir(os.path.dirname(os.path.abspath(LLAMA2)))
     prepare.prepare(str(tmp_path / "in.txt"), os.path.basename(LLAMA2), [TIER], str(tmp_path), val_fraction=0.5,

@@ -8,20 +8,16 @@ import sys
 
 import pytest
 
-from prepare import prepare
+from prepare import DATASETS, LLAMA2_PATH, prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ASSETS = os.environ.get("ASSETS_DIR", os.path.join(HERE, "..", "shared", "assets"))
-pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(ASSETS, "llama2_tokenizer.model")),
-                                reason=f"assets not found in {ASSETS} (set ASSETS_DIR)")
 TINY = ["--max_iters=12", "--grad_accum_steps=2", "--log_interval=3", "--eval_interval=6", "--compile=False"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
-    prepare(os.path.join(ASSETS, "tinyshakespeare.txt"), os.path.join(ASSETS, "llama2_tokenizer.model"),
-            [512, 1024], str(out), workers=1)
+    prepare(DATASETS["tinyshakespeare"]["path"], LLAMA2_PATH, [512, 1024], str(out), workers=1)
     return out
 
 

@@ -1,19 +1,20 @@
 """Tests for prepare.py: exact round trips in every tier, the shared split, errors, interrupted writes."""
-import base64, collections, errno, json, lzma, os, random, re, signal, subprocess, sys, time
+import base64, collections, errno, hashlib, json, lzma, os, random, re, signal, subprocess, sys, time
 import numpy as np
 import pytest
 import prepare
 from prepare import PrepareError, load_tokenizer, read_documents
 
-ASSETS = os.environ.get('ASSETS_DIR', os.path.join(os.path.dirname(__file__), '..', 'shared', 'assets'))
-LLAMA2 = os.path.join(ASSETS, 'llama2_tokenizer.model')
-SHAKESPEARE = os.path.join(ASSETS, 'tinyshakespeare.txt')
+LLAMA2 = prepare.LLAMA2_PATH  # the assets shipped in assets/: no test needs a download
+SHAKESPEARE = prepare.DATASETS['tinyshakespeare']['path']  # tinyshakespeare.txt.xz
 TIERS = [259, 4096, 8192, 16384, 32000]
 # spaces at the start, runs of spaces, tabs, digits, accents, CJK, emoji, a lone combining mark
 SMALL_DOCS = ['Hello world!', ' a leading space', '   three spaces,  two,\tand a tab', 'Zahl 2024: 3.14159',
               'café naïve façade', '日本語のテキスト', 'emoji 🦙🚀 and e\u0301', 'ends with spaces   ', '\u2028odd line sep']
 
-pytestmark = pytest.mark.skipif(not os.path.exists(LLAMA2), reason=f'assets not found in {ASSETS}')
+def shakespeare_text():
+    with lzma.open(SHAKESPEARE, 'rt', encoding='utf-8') as f:
+        return f.read()
 
 @pytest.fixture(scope='module')
 def toks():
@@ -51,8 +52,8 @@ def test_shakespeare_every_tier(tmp_path, toks):
         previous = meta['train']['tokens'] + meta['val']['tokens']
 
 def test_line_by_line_encode_is_sentencepiece(toks):
-    text = open(SHAKESPEARE, encoding='utf-8').read()
-    for n, count in ((4096, 454_410), (32000, 368_633)):  # the whole file, as counted in DESIGN.md
+    text = shakespeare_text()
+    for n, count in ((4096, 454_410), (32000, 368_633)):  # the whole file, as counted in GROWTH.md section 4
         ids = toks[n].encode(text)
         assert len(ids) == count and ids == toks[n].sp.encode(text)
     for n, tok in toks.items():
@@ -99,7 +100,7 @@ def test_old_tier_pieces(toks, old, new):
 
 def small_rank_table(path, merges=120):
     """A GPT-2-style .tiktoken rank file: the 256 bytes, then merges learned on tinyshakespeare."""
-    text = open(SHAKESPEARE, encoding='utf-8').read()[:200_000]
+    text = shakespeare_text()[:200_000]
     words = collections.Counter(tuple(bytes([c]) for c in w.encode()) for w in re.findall(r' ?\w+| ?[^\w\s]+|\s+', text))
     ranks = {bytes([b]): b for b in range(256)}
     for _ in range(merges):
@@ -230,11 +231,25 @@ def test_read_only_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, fa
         prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [512], str(tmp_path / 'data' / 'out'), workers=1)
     assert os.listdir(tmp_path) == ['in.txt']
 
-def test_offline_download_fails_at_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, 'CACHE', str(tmp_path))
-    monkeypatch.setattr(prepare, 'LLAMA2_URL', 'http://127.0.0.1:9/tokenizer.model')  # nothing listens there
-    with pytest.raises(PrepareError, match='offline.*prepare.py: --input/--tokenizer; train.py.*--tokenizer=PATH'):
-        load_tokenizer('llama2', 4096)
+def test_offline_download_fails_at_once(tmp_path):
+    with pytest.raises(PrepareError, match='offline.*--input FILE'):  # nothing listens on port 9
+        prepare.download('http://127.0.0.1:9/input.txt', str(tmp_path / 'input.txt'))
+    assert os.listdir(tmp_path) == []
+
+def test_the_defaults_are_shipped_and_need_no_network(tmp_path):
+    """The default tokenizer and dataset are the files in assets/, as assets/README.md describes them;
+    prepare.py's CLI makes the tinyshakespeare tiers with every download pointed at a dead proxy."""
+    assert load_tokenizer('llama2', 512).sha256 == prepare.LLAMA2_SHA256 == prepare.file_sha256(LLAMA2)
+    assert hashlib.sha256(shakespeare_text().encode()).hexdigest() == \
+        '86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'
+    dead = 'http://127.0.0.1:9'
+    env = {**os.environ, 'HTTP_PROXY': dead, 'HTTPS_PROXY': dead, 'http_proxy': dead, 'https_proxy': dead}
+    r = subprocess.run([sys.executable, 'prepare.py', '--dataset', 'tinyshakespeare', '--tiers', '512',
+                        '--out_dir', str(tmp_path), '--workers', '1'], cwd=os.path.dirname(prepare.__file__),
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / 'llama2_v512' / 'meta.json').read_text())
+    assert meta['source'] == SHAKESPEARE and meta['tokenizer_sha256'] == prepare.LLAMA2_SHA256
 
 def test_bad_doc_sep_is_one_line(tmp_path):
     (tmp_path / 'in.txt').write_text('one\n\ntwo')
@@ -363,7 +378,6 @@ def test_open_tier_refuses_a_tier_that_does_not_match_its_meta(tier, name, damag
 def test_a_tokenizer_given_by_path_is_recorded_by_absolute_path(tmp_path, monkeypatch):
     """Later commands load meta.json's tokenizer from any folder, with no download (offline here)."""
     monkeypatch.setattr(prepare, 'CACHE', str(tmp_path / 'empty_cache'))
-    monkeypatch.setattr(prepare, 'LLAMA2_URL', 'http://127.0.0.1:9/tokenizer.model')  # nothing listens there
     (tmp_path / 'in.txt').write_text('one\n\ntwo\n\nthree')
     monkeypatch.chdir(os.path.dirname(os.path.abspath(LLAMA2)))
     prepare.prepare(str(tmp_path / 'in.txt'), os.path.basename(LLAMA2), [512], str(tmp_path), val_fraction=0.5, workers=1)
@@ -406,7 +420,7 @@ def alive(pid):
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux only')
 def test_killed_prepare_takes_its_workers_with_it(tmp_path):
     with open(tmp_path / 'big.txt', 'w', encoding='utf-8') as f:  # 20 MB: tokenizing takes far longer than the test
-        f.write(open(SHAKESPEARE, encoding='utf-8').read() * 20)
+        f.write(shakespeare_text() * 20)
     proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), 'prepare.py'), '--input',
                              str(tmp_path / 'big.txt'), '--tokenizer', LLAMA2, '--tiers', '512', '4096',
                              '--out_dir', str(tmp_path / 'out'), '--workers', '2'],

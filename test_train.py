@@ -49,9 +49,9 @@ from model import GPT, Block, GPTConfig, load_checkpoint, model_from_checkpoint,
 from prepare import eval_window_starts, load_tokenizer, prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ASSETS = os.environ.get("ASSETS_DIR", os.path.join(HERE, "..", "shared", "assets"))
+from conftest import unpacked_assets  # the shipped assets (assets/), tinyshakespeare.txt unpacked
+ASSETS = unpacked_assets()
 LLAMA2 = os.path.join(ASSETS, "llama2_tokenizer.model")
-pytestmark = pytest.mark.skipif(not os.path.exists(LLAMA2), reason=f"assets not found in {ASSETS} (set ASSETS_DIR)")
 # 8 rows per micro-step, 2 micro-steps: a global batch of 16 rows that 2 DDP ranks split evenly
 TINY = ["--compile=False", "--batch_size=8", "--grad_accum_steps=2", "--eval_windows=16", "--eval_interval=3",
         "--log_interval=1"]

