@@ -46,7 +46,7 @@ REGIMES = {
 # Ladder variants: each a list of stages (small or final shape, overrides, iterations as a multiple of the
 # regime's s1_iters); the last stage trains the final shape on what is left of scratch's budget in FLOPs and
 # cools down. A variant's first stages that equal the reference's are the reference's runs, shared.
-GROW = ["--init_from=grow"]
+GROW = ["--init_from=grow", "--lr_mult=1.0"]  # the reference: every generation at the stage's peak
 LADDERS = {
     "ref": [("small", [], 1), ("final", GROW, None)],
     "cosine": [("small", ["--schedule=cosine", "--decay_iters={iters}"], 1),
@@ -112,13 +112,13 @@ def runs(regime, seeds):
         s = [f"--seed={seed}", *common]
         for lr in r["lrs"]:
             stable = f"{regime}/scratch_lr{lr:g}/s{seed}/stable"
-            out[stable] = (train_args(stable, final, [*s, "--init_from=scratch", f"--learning_rate={lr}",
+            out[stable] = (train_args(stable, final, [*s, "--init_from=scratch", f"--learning_rate={lr}", "--lr_mult=1.0",
                                                       f"--max_iters={n}", "--cooldown_iters=0",
                                                       f"--snapshot_interval={every}"]), None)
             for k in range(every, n + 1, every):
                 cd = round(COOLDOWN * k)
                 name = f"{regime}/scratch_lr{lr:g}/s{seed}/cd{k}"
-                out[name] = (train_args(name, final, [*s, "--init_from=branch", f"--learning_rate={lr}",
+                out[name] = (train_args(name, final, [*s, "--init_from=branch", f"--learning_rate={lr}", "--lr_mult=1.0",
                                                       f"--branch_from={OUT}/{stable}/ckpt_{k}.pt",
                                                       f"--max_iters={cd}", f"--cooldown_iters={cd}"]),
                              stable)
@@ -237,6 +237,13 @@ def frontier_bpb(frontier, flops):
         "inside" if inside else "extrapolated"
 
 
+def seed_frontiers(points):
+    """{seed: frontier} from {budget: [(seed, flops, bpb), ...]}, for the seeds that have every budget."""
+    seeds = set.intersection(*({s for s, _, _ in pts} for pts in points.values()))
+    return {seed: np.array([(f, b) for _, pts in sorted(points.items()) for s, f, b in pts if s == seed])
+            for seed in sorted(seeds)}
+
+
 def parse(name):
     regime, variant, seed, part = name.split("/")
     return regime, variant, int(seed[1:]), part
@@ -278,14 +285,18 @@ def report(png_prefix):
                 continue  # only a ladder's last stage
             flops, bpb = final_eval(n)
             equal, where = frontier_flops(frontier, bpb)
+            # against each scratch seed's own frontier: how much scratch's seed alone moves the ratio
+            by_seed = [flops / frontier_flops(f, bpb)[0] for f in seed_frontiers(sweeps[best]).values()]
             gap_ref, where_gap = frontier_bpb(frontier, flops)
             results["runs"].append(dict(regime=regime, variant=variant, seed=seed, run=n, flops=flops, val_bpb=bpb,
                                         flops_ratio=flops / equal, ratio_is=where, bpb_gap=bpb - gap_ref,
+                                        flops_ratio_per_scratch_seed=by_seed,
                                         gap_is=where_gap))
         for variant in sorted({r["variant"] for r in results["runs"] if r["regime"] == regime}):
             rs = [r for r in results["runs"] if r["regime"] == regime and r["variant"] == variant]
             results["candidates"][f"{regime}/{variant}"] = dict(
                 flops_ratio=spread([r["flops_ratio"] for r in rs]), bpb_gap=spread([r["bpb_gap"] for r in rs]),
+                flops_ratio_per_scratch_seed=spread([x for r in rs for x in r["flops_ratio_per_scratch_seed"]]),
                 val_bpb=spread([r["val_bpb"] for r in rs]), seeds=sorted(r["seed"] for r in rs),
                 extrapolated=any(r["ratio_is"] == "extrapolated" for r in rs))
         plot(regime, results, f"{png_prefix}_{regime}.png")
@@ -299,15 +310,18 @@ def print_table(results):
     for regime, r in results["regimes"].items():
         print(f"regime {regime}: scratch {r['scratch_best']}, frontier (FLOPs, bpb) "
               + ", ".join(f"({f:.3g}, {b:.4f})" for f, b in r["frontier"]))
-        print(f"| candidate | seeds | val bpb | FLOPs ratio at equal quality | bpb gap at equal FLOPs |")
-        print("| --- | --- | ---: | ---: | ---: |")
+        print("| candidate | seeds | val bpb | FLOPs ratio at equal quality | against each scratch seed "
+              "| bpb gap at equal FLOPs |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
         rows = sorted((c for c in results["candidates"].items() if c[0].startswith(f"{regime}/")),
                       key=lambda kv: kv[1]["flops_ratio"]["mean"])
         for name, c in rows:
-            ratio, gap, bpb = c["flops_ratio"], c["bpb_gap"], c["val_bpb"]
+            ratio, gap, bpb, each = c["flops_ratio"], c["bpb_gap"], c["val_bpb"], c["flops_ratio_per_scratch_seed"]
             print(f"| {name.split('/', 1)[1]} | {len(c['seeds'])} | {bpb['mean']:.4f} | {ratio['mean']:.3f} "
                   f"({ratio['min']:.3f}-{ratio['max']:.3f}){' *' if c['extrapolated'] else ''} "
-                  f"| {gap['mean']:+.4f} ({gap['min']:+.4f} to {gap['max']:+.4f}) |")
+                  f"| {each['min']:.3f}-{each['max']:.3f} | {gap['mean']:+.4f} ({gap['min']:+.4f} to {gap['max']:+.4f}) |")
+        print("(ratio: mean (range) over the ladder's seeds against the seed-mean frontier; * somewhere beyond "
+              "the frontier's last branch, extended)")
 
 
 def curve(names):

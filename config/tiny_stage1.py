@@ -6,5 +6,5 @@ vocab_size = 512
 n_layer, n_head, head_dim, ffn_hidden, block_size = 2, 2, 16, 96, 64
 batch_size = 16
 max_iters = 150
-learning_rate, min_lr, warmup_iters, decay_iters = 3e-3, 3e-4, 10, 150
+learning_rate, min_lr, warmup_iters = 3e-3, 3e-4, 10  # WSD: warm up, then hold
 eval_interval, eval_windows, log_interval = 50, 128, 10
