@@ -371,6 +371,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     save_checkpoint({**ckpt, "data": data, "model": grown.state_dict(), "model_config": asdict(grown.config),
                      "optimizer": optim_state, "generations": generations,
+                     "parent_data": ckpt["data"],  # train.py's growth check scores the parent's tier
                      "stage_start": ckpt.get("iter_num", 0)}, args.out)  # a resume trains a new stage from here
     print(f"old: {describe(old, old_params)}\nnew: {describe(grown.config, grown.get_num_params())}\n"
           f"generation {max(grown.generations())} added; wrote {args.out}")

@@ -496,7 +496,15 @@ def bad_inputs(data, tmp):
         ("a shape GPTConfig refuses", ["config/tiny_stage1.py", v512, "--ffn_hidden=100"],
          "ffn_hidden=100 is not allowed"),
         ("misspelt lr_mode", ["config/tiny_stage1.py", v512, "--lr_mode=globl"], "lr_mode='globl' is not one of"),
-        ("float16 (no GradScaler)", ["config/tiny_stage1.py", v512, "--dtype=float16"], "dtype='float16' is not one of"),
+        ("float16 on the CPU", ["config/tiny_stage1.py", v512, "--dtype=float16", "--device=cpu"],
+         "dtype='float16' (with a GradScaler, for GPUs without bfloat16 such as the T4) needs device=cuda"),
+        ("max_iters=0", ["config/tiny_stage1.py", v512, "--max_iters=0"], "max_iters=0 trains nothing"),
+        ("a negative seed", ["config/tiny_stage1.py", v512, "--seed=-1"], "seed=-1 must be >= 0"),
+        ("a negative learning rate", ["config/tiny_stage1.py", v512, "--learning_rate=-1"],
+         "learning_rate=-1.0 must be >= 0"),
+        ("beta1 beyond 1", ["config/tiny_stage1.py", v512, "--beta1=2"], "beta1=2.0 must be in [0, 1)"),
+        ("dropout beyond 1", ["config/tiny_stage1.py", v512, "--dropout=2"], "dropout=2.0 must be in [0, 1)"),
+        ("an unknown device", ["config/tiny_stage1.py", v512, "--device=foo"], "device='foo' is not a device torch"),
         ("unknown parallelism", ["config/tiny_stage1.py", v512, "--parallelism=zero3"], "parallelism='zero3' is not"),
         ("zero eval_interval", ["config/tiny_stage1.py", v512, "--eval_interval=0"], "eval_interval=0 must be positive"),
         ("zero eval_windows", ["config/tiny_stage1.py", v512, "--eval_windows=0"], "eval_windows=0 must be positive"),
@@ -585,7 +593,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
 
 
 def test_eval_windows_do_not_depend_on_batch_size(data, tmp_path):
-    args = ["config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, "--max_iters=0"]
+    args = ["config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, "--eval_only=True"]
     bpbs = [train(tmp_path / f"b{b}", *args, f"--batch_size={b}")[0]["val_bpb"] for b in (8, 5)]  # 5: a short batch
     assert bpbs[0] == pytest.approx(bpbs[1], rel=1e-6)
 
@@ -650,7 +658,8 @@ def test_a_checkpoint_grown_by_grow_py_resumes_as_a_new_stage(ladder, data, tmp_
     assert [e["iter"] for e in log if e["event"] == "train"][-1] == 2 * STAGE_ITERS  # a whole stage after stage 1's
     # the new generation follows this config's schedule (stage 2's), not a copy of its parent's
     assert load_checkpoint(out / "ckpt.pt")["generations"] == expected_table()[:2]
-    for e in log:
+    assert log[0]["event"] == "grow"  # the parent-tier check ran (test_a_grow_py_checkpoint_resumed_runs_...)
+    for e in log[1:]:
         assert e["lr"]["1"] == pytest.approx(reference_lr(expected_table()[1], step_of(e)), rel=1e-12), e
 
 
@@ -795,3 +804,60 @@ def test_bits_per_byte_uses_the_bytes_the_scored_windows_hold(data, tier):
     for n, T in ((128, 64), (512, 1024)):
         scored = sum(counts[s + 1:s + 1 + T].sum() for s in eval_window_starts(len(val), n, T))  # the targets y
         assert scored / (n * T) == pytest.approx(per_token, rel=5e-3), (n, T)
+
+
+# -----------------------------------------------------------------------------
+# 11. faults: divergence, data that moved, a grow.py checkpoint resumed
+
+
+def test_a_diverging_run_stops_in_one_line_and_keeps_the_good_checkpoint(wsd_ladder, data, tmp_path):
+    """weight_decay 1e9 (a branch may change it; a resume may not) multiplies every weight by about -3e6 a
+    step: the loss turns non-finite within a few steps. The run stops naming the iteration, writes no
+    checkpoint, and the parent's checkpoint still loads, finite, at its iteration."""
+    parent = wsd_ladder[1] / "ckpt_3.pt"
+    before = open(parent, "rb").read()
+    out = tmp_path / "diverged"
+    r = run(*branch_args(data, wsd_ladder, 1, parent, 3, "--weight_decay=1e9"), f"--out_dir={out}")
+    assert_one_line_error(r, "training diverged at iteration ")
+    assert f"{parent} (iteration 3) is kept" in r.stderr and "--init_from=branch" in r.stderr
+    assert not (out / "ckpt.pt").exists() and open(parent, "rb").read() == before
+    ckpt = load_checkpoint(parent)  # refuses a non-finite tensor
+    assert ckpt["iter_num"] == 3
+    # from scratch: whatever was saved before the divergence is finite, and the message names it
+    scratch = tmp_path / "scratch"
+    r = run("config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, "--learning_rate=1e6",
+            "--grad_clip=0", "--max_iters=6", f"--out_dir={scratch}")
+    assert_one_line_error(r, "training diverged at iteration ")
+    bad = int(r.stderr.split("training diverged at iteration ")[1].split(":")[0])
+    if (scratch / "ckpt.pt").exists():
+        saved = load_checkpoint(scratch / "ckpt.pt")["iter_num"]
+        assert saved <= bad and f"{scratch / 'ckpt.pt'} (iteration {saved}) is kept" in r.stderr
+    else:
+        assert "no checkpoint was written" in r.stderr
+
+
+def test_growing_a_checkpoint_whose_data_moved(ladder, data, tmp_path):
+    """The parent's tier is found where its checkpoint says (as given, then absolute); if it moved,
+    --parent_data_dir names it, and without it the error says so in one line."""
+    ckpt = load_checkpoint(ladder[1] / "ckpt.pt")
+    moved = tmp_path / "moved.pt"
+    save_checkpoint({**ckpt, "data": {**ckpt["data"], "data_dir": "gone/llama2_v512",
+                                      "data_dir_abs": str(tmp_path / "gone" / "llama2_v512")}}, moved)
+    args = [a for a in stage_args(data, 2, ladder[1]) if not a.startswith("--grow_from")] + [f"--grow_from={moved}"]
+    assert_one_line_error(run(*args, f"--out_dir={tmp_path / 'a'}"), "pass --parent_data_dir=PATH")
+    assert not (tmp_path / "a").exists()
+    log = train(tmp_path / "b", *args, f"--parent_data_dir={data / 'llama2_v512'}")
+    grow = log[0]
+    assert grow["event"] == "grow" and grow["parent_tier_val_bpb"] == pytest.approx(grow["parent_val_bpb"], rel=1e-6)
+
+
+def test_a_grow_py_checkpoint_resumed_runs_the_parent_tier_check(ladder, data, tmp_path):
+    out = tmp_path / "grown"
+    r = subprocess.run([sys.executable, "grow.py", "--ckpt", str(ladder[1] / "ckpt.pt"), "--out", str(out / "ckpt.pt"),
+                        "--n_layer=3", "--n_head=3", "--ffn_hidden=128", "--vocab_size=1024",
+                        f"--data_dir={data / 'llama2_v1024'}"], cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = [a for a in stage_args(data, 2, ladder[1]) if not a.startswith("--grow_from")]
+    log = train(out, *args, "--init_from=resume")
+    grow = log[0]
+    assert grow["event"] == "grow" and grow["parent_tier_val_bpb"] == pytest.approx(grow["parent_val_bpb"], rel=1e-6)

@@ -104,23 +104,31 @@ config_keys = [k for k, v in globals().items() if not k.startswith("_") and isin
 defaults = {k: globals()[k] for k in config_keys}
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 config = {k: globals()[k] for k in config_keys}
-# a resume continues the run as it was set up: these are the checkpoint's (a branch may change them)
+# a resume continues the run as it was set up: these are the checkpoint's (a branch may change the optimizer's)
 RUN_KEYS = ("schedule", "learning_rate", "warmup_iters", "decay_iters", "min_lr", "lr_mult", "cooldown_iters",
             "cooldown_shape", "old_lr_mult", "lr_mode", "tier_ramp_iters", "weight_decay", "beta1", "beta2", "grad_clip")
+# a branch sets its own cooldown and optimizer settings; the generations' records (and a ramp) are the parent's
+BRANCH_KEEPS = ("schedule", "learning_rate", "warmup_iters", "decay_iters", "min_lr", "lr_mult", "old_lr_mult", "lr_mode",
+                "tier_ramp_iters")
 for key, allowed in (("init_from", ("scratch", "resume", "grow", "branch")), ("lr_mode", ("generation", "global")),
                      ("schedule", ("wsd", "cosine")), ("cooldown_shape", ("linear", "1-sqrt")),
                      ("parallelism", ("ddp", "fsdp")), ("layer_place", ("top", "interleave")),
                      ("layer_init", ("zero", "copy", "stack")), ("vocab_init", ("mean", "random")),
-                     ("head_init", ("mean", "zero")),
-                     ("dtype", ("bfloat16", "float32"))):  # float16 would need a GradScaler: use bfloat16
+                     ("head_init", ("mean", "zero")), ("dtype", ("bfloat16", "float16", "float32"))):
     if config[key] not in allowed:
         raise SystemExit(f"{key}={config[key]!r} is not one of {', '.join(allowed)}")
 for key in ("batch_size", "grad_accum_steps", "eval_interval", "eval_windows", "log_interval"):
     if config[key] <= 0:
         raise SystemExit(f"{key}={config[key]} must be positive")
-for key in ("cooldown_iters", "tier_ramp_iters", "snapshot_interval"):
+for key in ("cooldown_iters", "tier_ramp_iters", "snapshot_interval", "seed", "learning_rate", "min_lr",
+            "weight_decay", "grad_clip", "max_iters"):
     if config[key] < 0:
-        raise SystemExit(f"{key}={config[key]} must be >= 0 (0: off)")
+        raise SystemExit(f"{key}={config[key]} must be >= 0")
+for key in ("beta1", "beta2", "dropout"):
+    if not 0 <= config[key] < 1:
+        raise SystemExit(f"{key}={config[key]} must be in [0, 1)")
+if max_iters == 0 and not eval_only:
+    raise SystemExit("max_iters=0 trains nothing: pass max_iters >= 1, or --eval_only=True to evaluate")
 if cooldown_iters > max_iters:
     raise SystemExit(f"cooldown_iters={cooldown_iters} is longer than the stage (max_iters={max_iters})")
 for key, path in (("grow", grow_from), ("branch", branch_from)):
@@ -128,8 +136,15 @@ for key, path in (("grow", grow_from), ("branch", branch_from)):
         raise SystemExit(f"init_from={key!r} needs --{key}_from=PATH/ckpt.pt")
 if not out_dir:
     raise SystemExit("out_dir is empty: pass --out_dir=DIR")
+try:
+    torch.device(device)
+except RuntimeError:
+    raise SystemExit(f"device={device!r} is not a device torch knows: pass cpu, cuda or cuda:N") from None
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise SystemExit(f"device={device!r} but this torch has no usable CUDA; pass --device=cpu (and --dtype=float32)")
+if dtype == "float16" and (not device.startswith("cuda") or parallelism == "fsdp"):
+    raise SystemExit("dtype='float16' (with a GradScaler, for GPUs without bfloat16 such as the T4) needs "
+                     "device=cuda and parallelism='ddp'; elsewhere use bfloat16 or float32")
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -149,7 +164,7 @@ if eval_windows % world:  # every rank evaluates its share: the same windows on 
 accum = grad_accum_steps // world
 tokens_per_iter = batch_size * block_size * grad_accum_steps
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = nullcontext() if device_type == "cpu" else torch.autocast(device_type, dtype=ptdtype)
 torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them as they are
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -338,9 +353,14 @@ def resume(ckpt):
     if master and os.path.exists(log_path):  # a killed run logged steps past its checkpoint: they run again
         with open(log_path) as f:
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] <= ckpt["iter_num"]]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
+        try:
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log_path + ".tmp", log_path)
+        except OSError as e:  # a full disk: the log stays as it was, with no partial copy beside it
+            if os.path.exists(log_path + ".tmp"):
+                os.remove(log_path + ".tmp")
+            raise SystemExit(f"cannot rewrite {log_path}: {e.strerror}; free space on that disk and resume again")
     return run
 
 
@@ -348,6 +368,10 @@ def branch(ckpt):
     """A new run (this out_dir) from another run's checkpoint, same shape: model, AdamW state, iteration,
     FLOPs and RNG, so its first step is the one the parent would have taken. Typically only a cooldown."""
     check_same_shape(ckpt, "branch")
+    kept = {k: f"{config[k]} (the parent's {ckpt['config'][k]})" for k in BRANCH_KEEPS
+            if ckpt["config"].get(k, config[k]) != config[k]}
+    if kept:
+        log(f"warning: a branch keeps the parent's learning-rate records, so these do nothing here: {kept}")
     return dict(continued(ckpt), model=model_from_checkpoint(ckpt), stage_start=ckpt["iter_num"], born=set())
 
 
@@ -401,6 +425,10 @@ else:
     run = {"resume": resume, "grow": grow, "branch": branch}[init_from](ckpt)
     if init_from == "grow":
         parent = ckpt  # for the growth check below
+    elif run["born"] and "parent_data" in ckpt:  # grow.py grew it: the same check, on the parent's record
+        parent = {**ckpt, "data": ckpt["parent_data"]}
+    if parent is not None:  # found now, before anything is written
+        parent = {"config": parent["config"], "last_val_bpb": parent["last_val_bpb"], "tier": parent_tier(parent)}
     del ckpt
 model, optim_state, iter_num, stage_start = run["model"], run["optim_state"], run["iter_num"], run["stage_start"]
 tokens_total, flops_total, best_val_bpb, tier_ramp = run["tokens"], run["flops"], run["best_val_bpb"], run["tier_ramp"]
@@ -445,8 +473,9 @@ for name, state in optim_state.items():  # keyed by name: growth shifts position
 del optim_state
 if init_from != "scratch":  # the checkpoint is memory-mapped: most reads happen while moving it to the device
     log(f"checkpoint read{', grown' if init_from == 'grow' else ''} and on {device} in {time.time() - t_load:.1f} s")
-if ddp and not fsdp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+if ddp and not fsdp:  # the RoPE buffers never change: nothing to broadcast before each forward
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 gradients underflow unscaled
 if master:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -500,13 +529,14 @@ log(f"{raw_model.get_num_params():,} parameters, generations {raw_model.generati
     f"{tokens_per_iter:,} tokens/iter, {flops_per_iter / tokens_per_iter / 1e6:.1f} MFLOPs/token "
     f"(6N + causal attention); MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}) per GPU")
 
-if init_from == "grow":  # function preservation in practice: the parent's tier, restricted, then this tier
+if parent is not None:  # function preservation in practice: the parent's tier, restricted, then this tier
     pc = parent["config"]
-    _, parent_meta, parent_bins = parent_tier(parent)
+    _, parent_meta, parent_bins = parent["tier"]
     parent_windows = pc.get("eval_windows") or pc["eval_iters"] * pc["batch_size"]  # before eval_windows existed
     old_loss, old_bpb = evaluate(model, parent_bins["val"], parent_meta, parent_windows, pc["block_size"])
     loss, bpb = evaluate(model, bins["val"], meta, eval_windows, block_size)
-    log_event(dict(event="grow", iter=iter_num, tokens=tokens_total, flops=flops_total, grow_from=grow_from,
+    log_event(dict(event="grow", iter=iter_num, tokens=tokens_total, flops=flops_total,
+                   grow_from=grow_from if init_from == "grow" else ckpt_path,
                    parent_tier_val_bpb=old_bpb, parent_val_bpb=parent["last_val_bpb"], val_loss=loss, val_bpb=bpb))
     log(f"after growth: parent-tier val bpb {old_bpb:.5f} (parent's last {parent['last_val_bpb']:.5f}), "
         f"this tier {bpb:.5f}")
@@ -518,6 +548,23 @@ schedules = {g["gen"]: g for g in generations}
 end_iter = stage_start + max_iters
 resumed_at = iter_num if init_from == "resume" else None  # its eval is in the log already
 last_val_bpb = None
+# the last good checkpoint: where a diverged run can start again
+last_good = {"scratch": None, "resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from], iter_num
+first_bad = torch.full((), -1, device=device)  # the first iteration whose loss or gradient norm was not finite
+
+
+def stop_if_diverged():
+    """Checked (one sync) where the log syncs anyway and before every save: a diverged run never saves."""
+    bad = first_bad.clone()
+    if ddp:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() >= 0:
+        kept = f"{last_good[0]} (iteration {last_good[1]}) is kept" if last_good[0] else "no checkpoint was written"
+        raise SystemExit(f"training diverged at iteration {bad.item()}: the loss or gradient norm is not finite; "
+                         f"{kept}; lower learning_rate (now {learning_rate:g}) or grad_clip, and start again from "
+                         "the last good checkpoint (--init_from=branch --branch_from=PATH/ckpt.pt, new out_dir)")
+
+
 t0, timed_iters = time.time(), 0
 while True:
     lrs = {g: get_lr(schedules[g], iter_num) for g in raw_model.generations()}
@@ -535,7 +582,9 @@ while True:
         if eval_only:
             break
         if iter_num > stage_start and write_checkpoints:
+            stop_if_diverged()
             save(iter_num)
+            last_good = ckpt_path, iter_num
         t0, timed_iters = time.time(), 0  # tok/s and MFU time training, not evals and saves
     if iter_num >= end_iter:
         break
@@ -551,11 +600,18 @@ while True:
         with nullcontext() if not ddp or fsdp or last_micro else model.no_sync():
             with autocast:
                 _, loss = model(x, y)
-            (loss / accum).backward()
+            scaler.scale(loss / accum).backward()
         loss_sum += loss.detach()
+    finite = torch.isfinite(loss_sum)
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        if not scaler.is_enabled():  # under float16 the scaler skips an overflowing step, as it should
+            finite &= torch.isfinite(norm)
+    first_bad.copy_(torch.where((first_bad < 0) & ~finite, iter_num, first_bad))
+    scaler.step(optimizer)
+    scaler.update()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     timed_iters += 1
@@ -563,8 +619,7 @@ while True:
     flops_total += flops_per_iter
 
     if iter_num % log_interval == 0 or iter_num == end_iter:
-        if device_type == "cuda":
-            torch.cuda.synchronize()
+        stop_if_diverged()
         dt = time.time() - t0
         tok_per_s = tokens_per_iter * timed_iters / dt
         peak_mem_gb = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else 0.0
@@ -572,8 +627,9 @@ while True:
         if ddp:
             dist.all_reduce(loss_sum)
         train_loss = loss_sum.item() / grad_accum_steps  # this iteration's mean over micro-steps and ranks
-        log(f"iter {iter_num}: loss {train_loss:.4f}, lr " + " ".join(f"g{g}={v:.2e}" for g, v in lrs.items())
-            + f", {tok_per_s:,.0f} tok/s, mfu {100 * mfu:.1f}%, peak mem {peak_mem_gb:.1f} GiB")
+        speed = f", {tok_per_s:,.0f} tok/s" + (f", mfu {100 * mfu:.1f}%, peak mem {peak_mem_gb:.1f} GiB"
+                                               if device_type == "cuda" else "")  # MFU is against a GPU's peak
+        log(f"iter {iter_num}: loss {train_loss:.4f}, lr " + " ".join(f"g{g}={v:.2e}" for g, v in lrs.items()) + speed)
         ramp = {"old_tier_rows": sum(data is ramp_train for data, _ in rows) / len(rows)} if tier_ramp else {}
         log_event(dict(event="train", iter=iter_num, tokens=tokens_total, flops=flops_total,
                        lr=lrs, train_loss=train_loss, tok_per_s=tok_per_s, mfu=mfu,
