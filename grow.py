@@ -49,8 +49,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from model import Block, GPTConfig, Growable, assemble, block_generation, load_checkpoint, model_from_checkpoint, \
-    save_checkpoint
+from model import Block, GPTConfig, Growable, assemble, block_generation, checkpoint_params, load_checkpoint, \
+    model_from_checkpoint, save_checkpoint
 
 INIT_STD = 0.02  # drawn parts use the fresh model's init
 zero = nn.init.zeros_
@@ -357,7 +357,7 @@ def main(argv=None):
     if vocab_size > old.vocab_size and not args.data_dir:
         raise SystemExit("grow.py: a larger vocabulary needs --data_dir, the tier it will train and sample on")
     meta = new_tier(args.data_dir, vocab_size, ckpt["data"], args.ckpt) if args.data_dir else None
-    old_params = model_from_checkpoint(ckpt).get_num_params()
+    old_params = checkpoint_params(ckpt)
     try:
         new = replace(old, **{k: v for k, v in vars(args).items() if v is not None and hasattr(old, k)})
         grown, optim_state, generations = grow_checkpoint(

@@ -470,6 +470,11 @@ def load_checkpoint(path, keys=CHECKPOINT_KEYS):
     return ckpt
 
 
+def checkpoint_params(ckpt):
+    """The parameter count of a checkpoint's model, without building it (the permutations are buffers)."""
+    return sum(v.numel() for k, v in ckpt["model"].items() if not k.endswith("_perm"))
+
+
 def model_from_checkpoint(ckpt):
     return GPT.from_state_dict(GPTConfig(**ckpt["model_config"]), ckpt["model"])
 

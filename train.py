@@ -30,7 +30,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import GrowError, grow_checkpoint
-from model import CHECKPOINT_KEYS, GPT, GPTConfig, RESUME_KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import CHECKPOINT_KEYS, GPT, GPTConfig, RESUME_KEYS, checkpoint_params, load_checkpoint, \
+    model_from_checkpoint, save_checkpoint
 import prepare
 from prepare import eval_window_starts
 
@@ -396,10 +397,11 @@ def grow(ckpt):
     except GrowError as e:
         raise SystemExit(f"cannot grow {grow_from} to this config: {e}")
     run = dict(continued(ckpt), model=model, optim_state=optim_state, generations=generations,
-               stage_start=ckpt["iter_num"], born={generations[-1]["gen"]}, tier_ramp=None)
+               stage_start=ckpt["iter_num"], born={generations[-1]["gen"]}, tier_ramp=None,
+               parent_tier=parent_tier(ckpt))  # found now, before anything is written
     if vocab_size > ckpt["model_config"]["vocab_size"] and tier_ramp_iters:
-        run["tier_ramp"] = dict(data_dir=parent_tier(ckpt)[0], start=ckpt["iter_num"], iters=tier_ramp_iters)
-    log(f"grew {grow_from}: {model_from_checkpoint(ckpt).get_num_params():,} -> {model.get_num_params():,} "
+        run["tier_ramp"] = dict(data_dir=run["parent_tier"][0], start=ckpt["iter_num"], iters=tier_ramp_iters)
+    log(f"grew {grow_from}: {checkpoint_params(ckpt):,} -> {model.get_num_params():,} "
         f"parameters, generation {generations[-1]['gen']} born at iteration {ckpt['iter_num']}")
     return run
 
@@ -423,12 +425,11 @@ else:
     ckpt = load_checkpoint({"resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from], keys)
     check_tokenizer(ckpt)
     run = {"resume": resume, "grow": grow, "branch": branch}[init_from](ckpt)
-    if init_from == "grow":
-        parent = ckpt  # for the growth check below
+    if init_from == "grow":  # for the growth check below
+        parent = {"config": ckpt["config"], "last_val_bpb": ckpt["last_val_bpb"], "tier": run["parent_tier"]}
     elif run["born"] and "parent_data" in ckpt:  # grow.py grew it: the same check, on the parent's record
-        parent = {**ckpt, "data": ckpt["parent_data"]}
-    if parent is not None:  # found now, before anything is written
-        parent = {"config": parent["config"], "last_val_bpb": parent["last_val_bpb"], "tier": parent_tier(parent)}
+        parent = {"config": ckpt["config"], "last_val_bpb": ckpt["last_val_bpb"],
+                  "tier": parent_tier({"data": ckpt["parent_data"]})}  # found now, before anything is written
     del ckpt
 model, optim_state, iter_num, stage_start = run["model"], run["optim_state"], run["iter_num"], run["stage_start"]
 tokens_total, flops_total, best_val_bpb, tier_ramp = run["tokens"], run["flops"], run["best_val_bpb"], run["tier_ramp"]
