@@ -269,8 +269,8 @@ def report(png_prefix):
                 sweeps.setdefault(variant, {}).setdefault(int(part[2:]), []).append((seed, *final_eval(n)))
         if not sweeps:
             continue
-        frontiers = {v: np.array([(np.mean([f for _, f, _ in pts]), np.mean([b for _, _, b in pts]))
-                                  for _, pts in sorted(points.items())]) for v, points in sweeps.items()}
+        # the mean over the seeds that have every branch, so each point averages the same seeds
+        frontiers = {v: np.mean(list(seed_frontiers(points).values()), axis=0) for v, points in sweeps.items()}
         best = min(frontiers, key=lambda v: frontiers[v][-1, 1])  # the lowest bpb at the largest budget
         frontier = frontiers[best]
         results["regimes"][regime] = dict(
@@ -280,9 +280,8 @@ def report(png_prefix):
             lr_sweep={v: fr[:, 1].tolist() for v, fr in sorted(frontiers.items())})
         for n in mine:
             _, variant, seed, part = parse(n)
-            later = [m for m in mine if m.startswith(f"{regime}/{variant}/s{seed}/s") and m > n]
-            if variant.startswith("scratch") or not part.startswith("s") or later or not final_eval(n):
-                continue  # only a ladder's last stage
+            if variant.startswith("scratch") or part != f"s{len(LADDERS[variant])}" or not final_eval(n):
+                continue  # only a ladder's last stage, once it has run
             flops, bpb = final_eval(n)
             equal, where = frontier_flops(frontier, bpb)
             # against each scratch seed's own frontier: how much scratch's seed alone moves the ratio
@@ -298,7 +297,7 @@ def report(png_prefix):
                 flops_ratio=spread([r["flops_ratio"] for r in rs]), bpb_gap=spread([r["bpb_gap"] for r in rs]),
                 flops_ratio_per_scratch_seed=spread([x for r in rs for x in r["flops_ratio_per_scratch_seed"]]),
                 val_bpb=spread([r["val_bpb"] for r in rs]), seeds=sorted(r["seed"] for r in rs),
-                extrapolated=any(r["ratio_is"] == "extrapolated" for r in rs))
+                extrapolated=any("extrapolated" in (r["ratio_is"], r["gap_is"]) for r in rs))
         plot(regime, results, f"{png_prefix}_{regime}.png")
     os.makedirs(os.path.dirname(png_prefix) or ".", exist_ok=True)
     with open(f"{png_prefix}_results.json", "w") as f:

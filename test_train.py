@@ -694,6 +694,9 @@ def test_a_branch_takes_the_parents_next_step_then_cools_down(wsd_ladder, data, 
         done = (step_of(e) - 3) / 3  # linear from the stable 3e-3 to min_lr 3e-4 over steps 3, 4, 5; 6 is the end
         assert e["lr"]["0"] == pytest.approx(3e-3 + (3e-4 - 3e-3) * done, rel=1e-12), key
     assert events["eval", 6]["lr"] == {"0": pytest.approx(3e-4, rel=1e-12)}
+    # old_lr_mult scales every generation of a branch (all were born before it): the way to a lower LR
+    half = train(tmp_path / "half", *branch_args(data, wsd_ladder, 1, s1 / "ckpt_3.pt", 3, "--old_lr_mult=0.5"))
+    assert next(e for e in half if e["event"] == "train")["lr"] == {"0": pytest.approx(1.5e-3, rel=1e-12)}
     # a branch keeps the parent's shape
     r = run(*branch_args(data, wsd_ladder, 1, s1 / "ckpt_3.pt", 3, "--n_layer=3"), f"--out_dir={tmp_path / 'deeper'}")
     assert_one_line_error(r, "--init_from=branch keeps the checkpoint's shape, but n_layer=3 (checkpoint: 2)")
@@ -704,7 +707,8 @@ def test_a_branch_of_a_grown_stage_cools_every_generation_down_1_sqrt(wsd_ladder
     """Stage 2's end (two generations, gen 0 at stage 2's old_lr_mult 0.8, gen 1 at lr_mult 0.5), branched
     with stage 2's own arguments for a '1-sqrt' cooldown of 4: each from its stage-2 LR to its min_lr."""
     stage2 = {e["iter"]: e for e in read_log(wsd_ladder[2]) if e["event"] == "eval"}
-    log = train(tmp_path / "cool", *branch_args(data, wsd_ladder, 2, wsd_ladder[2] / "ckpt.pt", 4, "--cooldown_shape=1-sqrt"))
+    log = train(tmp_path / "cool", *branch_args(data, wsd_ladder, 2, wsd_ladder[2] / "ckpt.pt", 4, "--cooldown_shape=1-sqrt",
+                                                "--old_lr_mult=1.0"))  # stage 2's 0.8 would scale them again
     events = [e for e in log if "lr" in e]
     assert {step_of(e) for e in events} == {12, 13, 14, 15, 16}
     assert events[0]["lr"] == stage2[12]["lr"]  # the step the parent would have taken next

@@ -29,7 +29,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from grow import GrowError, grow_checkpoint
+from grow import OPTIONS as GROWTH_OPTIONS, GrowError, grow_checkpoint
 from model import CHECKPOINT_KEYS, GPT, GPTConfig, RESUME_KEYS, checkpoint_params, load_checkpoint, \
     model_from_checkpoint, save_checkpoint
 import prepare
@@ -79,7 +79,7 @@ warmup_iters = 10
 decay_iters = 100  # cosine only
 min_lr = 3e-4
 lr_mult = 1.0
-cooldown_iters = 0  # the last this-many iterations of the stage take every generation to its min_lr (0: none)
+cooldown_iters = 0  # the stage's last this-many iterations take every generation toward min_lr * its mult (0: none)
 cooldown_shape = "linear"  # 'linear' | '1-sqrt'
 old_lr_mult = 1.0  # from this stage on, the generations born before it run at this multiple of their LR
 lr_mode = "generation"  # 'generation' (each its own schedule) | 'global' (this stage's schedule for all, from its start)
@@ -108,14 +108,13 @@ config = {k: globals()[k] for k in config_keys}
 # a resume continues the run as it was set up: these are the checkpoint's (a branch may change the optimizer's)
 RUN_KEYS = ("schedule", "learning_rate", "warmup_iters", "decay_iters", "min_lr", "lr_mult", "cooldown_iters",
             "cooldown_shape", "old_lr_mult", "lr_mode", "tier_ramp_iters", "weight_decay", "beta1", "beta2", "grad_clip")
-# a branch sets its own cooldown and optimizer settings; the generations' records (and a ramp) are the parent's
-BRANCH_KEEPS = ("schedule", "learning_rate", "warmup_iters", "decay_iters", "min_lr", "lr_mult", "old_lr_mult", "lr_mode",
+# a branch sets its own cooldown, old_lr_mult and optimizer settings; the generations' records (and a ramp) are the parent's
+BRANCH_KEEPS = ("schedule", "learning_rate", "warmup_iters", "decay_iters", "min_lr", "lr_mult", "lr_mode",
                 "tier_ramp_iters")
 for key, allowed in (("init_from", ("scratch", "resume", "grow", "branch")), ("lr_mode", ("generation", "global")),
                      ("schedule", ("wsd", "cosine")), ("cooldown_shape", ("linear", "1-sqrt")),
-                     ("parallelism", ("ddp", "fsdp")), ("layer_place", ("top", "interleave")),
-                     ("layer_init", ("zero", "copy", "stack")), ("vocab_init", ("mean", "random")),
-                     ("head_init", ("mean", "zero")), ("dtype", ("bfloat16", "float16", "float32"))):
+                     ("parallelism", ("ddp", "fsdp")), ("dtype", ("bfloat16", "float16", "float32")),
+                     *GROWTH_OPTIONS.items()):
     if config[key] not in allowed:
         raise SystemExit(f"{key}={config[key]!r} is not one of {', '.join(allowed)}")
 for key in ("batch_size", "grad_accum_steps", "eval_interval", "eval_windows", "log_interval"):
@@ -267,16 +266,15 @@ def start_stage(generations, born):
     """This stage's settings on every generation's record: with lr_mode='global' each takes this stage's
     schedule from its start; those born before it (not in `born`) run at old_lr_mult times their LR;
     all share the stage's cooldown window (none when cooldown_iters is 0). A branch goes on with its parent's
-    stage, so it keeps the records as they were (no new clock, no second old_lr_mult) and sets the cooldown."""
+    records (no new clock); every generation was born before it, so old_lr_mult (default 1) scales them all."""
     end = stage_start + max_iters
     cooldown = [end - cooldown_iters, end] if cooldown_iters else None
-    new_stage = init_from != "branch"
     records = []
     for g in generations:
         g = {"schedule": "cosine", **g}  # records from before WSD were cosine
-        if new_stage and lr_mode == "global":
+        if init_from != "branch" and lr_mode == "global":
             g.update(stage_schedule(g["gen"], stage_start))
-        if new_stage and g["gen"] not in born:
+        if g["gen"] not in born:
             g["mult"] *= old_lr_mult
         records.append({**g, "cooldown": cooldown, "cooldown_shape": cooldown_shape})
     return records
@@ -323,7 +321,7 @@ def continued(ckpt):
     """The counters of a checkpoint's run, to go on from."""
     return dict(optim_state=ckpt["optimizer"], generations=ckpt["generations"], iter_num=ckpt["iter_num"],
                 tokens=ckpt["tokens"], flops=ckpt["flops"], best_val_bpb=ckpt["best_val_bpb"],
-                tier_ramp=ckpt.get("tier_ramp"), rng=ckpt["rng"])
+                tier_ramp=ckpt.get("tier_ramp"), rng=ckpt["rng"], scaler=ckpt.get("scaler"))
 
 
 def scratch():
@@ -444,6 +442,7 @@ if run["rng"] is not None and init_from in ("resume", "branch") and master:
     torch.set_rng_state(run["rng"]["torch"])
     if "cuda" in run["rng"] and device_type == "cuda":  # dropout on the GPU draws from the device's generator
         torch.cuda.set_rng_state(run["rng"]["cuda"])
+scaler_state = run.get("scaler") if init_from in ("resume", "branch") else None
 del run
 model.to(device)
 model_config = model.config
@@ -472,11 +471,13 @@ for name, state in optim_state.items():  # keyed by name: growth shifts position
     optimizer.state[p] = {k: v.to(p.device if k != "step" or device_type == "cuda" else "cpu")
                           for k, v in state.items()}
 del optim_state
-if init_from != "scratch":  # the checkpoint is memory-mapped: most reads happen while moving it to the device
+if init_from != "scratch":  # the checkpoint is memory-mapped: read by the finiteness check and the move to the device
     log(f"checkpoint read{', grown' if init_from == 'grow' else ''} and on {device} in {time.time() - t_load:.1f} s")
 if ddp and not fsdp:  # the RoPE buffers never change: nothing to broadcast before each forward
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 gradients underflow unscaled
+if scaler.is_enabled() and scaler_state:  # its scale goes on as it was, so a resumed float16 run is the same run
+    scaler.load_state_dict(scaler_state)
 if master:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -507,6 +508,7 @@ def save(iter_num):
         "generations": generations, "iter_num": iter_num, "stage_start": stage_start,
         "tokens": tokens_total, "flops": flops_total,
         "best_val_bpb": best_val_bpb, "last_val_bpb": last_val_bpb, "config": config, "tier_ramp": tier_ramp,
+        **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
         "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
         "data": {"tokenizer": meta["tokenizer"], "tokenizer_sha256": meta["tokenizer_sha256"],
                  "vocab_size": meta["vocab_size"], "data_dir": data_dir, "data_dir_abs": os.path.abspath(data_dir)},
@@ -551,19 +553,20 @@ resumed_at = iter_num if init_from == "resume" else None  # its eval is in the l
 last_val_bpb = None
 # the last good checkpoint: where a diverged run can start again
 last_good = {"scratch": None, "resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from], iter_num
-first_bad = torch.full((), -1, device=device)  # the first iteration whose loss or gradient norm was not finite
+NEVER = 2**62
+first_bad = torch.full((), NEVER, device=device)  # the first iteration whose loss or gradient norm was not finite
 
 
 def stop_if_diverged():
     """Checked (one sync) where the log syncs anyway and before every save: a diverged run never saves."""
     bad = first_bad.clone()
     if ddp:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() >= 0:
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+    if bad.item() != NEVER:
         kept = f"{last_good[0]} (iteration {last_good[1]}) is kept" if last_good[0] else "no checkpoint was written"
         raise SystemExit(f"training diverged at iteration {bad.item()}: the loss or gradient norm is not finite; "
-                         f"{kept}; lower learning_rate (now {learning_rate:g}) or grad_clip, and start again from "
-                         "the last good checkpoint (--init_from=branch --branch_from=PATH/ckpt.pt, new out_dir)")
+                         f"{kept}; start again from it with a lower LR: --init_from=branch --branch_from=PATH/ckpt.pt "
+                         "--old_lr_mult=0.3 (scales every generation) in a new out_dir, or lower grad_clip")
 
 
 t0, timed_iters = time.time(), 0
@@ -583,6 +586,8 @@ while True:
         if eval_only:
             break
         if iter_num > stage_start and write_checkpoints:
+            if not math.isfinite(last_val_bpb):  # without grad_clip a NaN gradient can get past the loss check
+                first_bad.fill_(min(first_bad.item(), iter_num))
             stop_if_diverged()
             save(iter_num)
             last_good = ckpt_path, iter_num
@@ -610,7 +615,7 @@ while True:
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         if not scaler.is_enabled():  # under float16 the scaler skips an overflowing step, as it should
             finite &= torch.isfinite(norm)
-    first_bad.copy_(torch.where((first_bad < 0) & ~finite, iter_num, first_bad))
+    first_bad.copy_(torch.where(~finite, torch.clamp(first_bad, max=iter_num), first_bad))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
