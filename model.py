@@ -445,8 +445,9 @@ def exception_chain(e):
         e = e.__cause__ or e.__context__
 
 
-def load_checkpoint(path, keys=CHECKPOINT_KEYS):
-    """A checkpoint of this project that holds keys (and ckpt['data'] DATA_KEYS), all finite; else one line."""
+def load_checkpoint(path, keys=CHECKPOINT_KEYS, finite=True):
+    """A checkpoint of this project that holds keys (and ckpt['data'] DATA_KEYS), all finite (unless
+    finite=False: the check reads the whole file); else one line."""
     if not os.path.isfile(path):
         raise SystemExit(f"no checkpoint at {path}: train that stage first or fix the path")
     try:
@@ -464,7 +465,8 @@ def load_checkpoint(path, keys=CHECKPOINT_KEYS):
         raise SystemExit(f"{path} has the checkpoint format but no {missing[0]!r} (a checkpoint holds "
                          f"{', '.join(keys)}); it is damaged or was not written by train.py or grow.py: pass another")
     try:
-        assert_finite(ckpt, path, "pass an earlier checkpoint")
+        if finite:
+            assert_finite(ckpt, path, "pass an earlier checkpoint")
     except NonFiniteCheckpoint as e:
         raise SystemExit(str(e)) from None
     return ckpt

@@ -840,6 +840,17 @@ def test_a_diverging_run_stops_in_one_line_and_keeps_the_good_checkpoint(wsd_lad
         assert "no checkpoint was written" in r.stderr
 
 
+def test_a_checkpoint_with_nan_stops_at_its_first_step_in_one_line(ladder, data, tmp_path):
+    """train.py does not scan a checkpoint on load (every rank would read it all); its first step does."""
+    ckpt = load_checkpoint(ladder[1] / "ckpt.pt")
+    out = tmp_path / "s1"
+    out.mkdir()
+    poisoned = {**ckpt["model"], "norm.g0": torch.full_like(ckpt["model"]["norm.g0"], float("nan"))}
+    torch.save({**ckpt, "model": poisoned}, out / "ckpt.pt")  # past save_checkpoint's refusal, as a damaged file would be
+    r = run(*stage_args(data, 1), f"--out_dir={out}", "--init_from=resume", f"--max_iters={STAGE_ITERS + 2}")
+    assert_one_line_error(r, f"{out / 'ckpt.pt'} gives a non-finite loss at its first step (iteration {STAGE_ITERS})")
+
+
 def test_growing_a_checkpoint_whose_data_moved(ladder, data, tmp_path):
     """The parent's tier is found where its checkpoint says (as given, then absolute); if it moved,
     --parent_data_dir names it, and without it the error says so in one line."""

@@ -420,7 +420,10 @@ if init_from == "scratch":
 else:
     # all three go on from the checkpoint's run (tier_ramp is optional); a growth also reads the parent's last_val_bpb
     keys = CHECKPOINT_KEYS + RESUME_KEYS + (("last_val_bpb",) if init_from == "grow" else ())
-    ckpt = load_checkpoint({"resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from], keys)
+    # not scanned for NaN on load (every rank would read the whole file): train.py never saves one, and the
+    # divergence guard stops a run from one at its first step
+    ckpt = load_checkpoint({"resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from], keys,
+                           finite=False)
     check_tokenizer(ckpt)
     run = {"resume": resume, "grow": grow, "branch": branch}[init_from](ckpt)
     if init_from == "grow":  # for the growth check below
@@ -471,7 +474,7 @@ for name, state in optim_state.items():  # keyed by name: growth shifts position
     optimizer.state[p] = {k: v.to(p.device if k != "step" or device_type == "cuda" else "cpu")
                           for k, v in state.items()}
 del optim_state
-if init_from != "scratch":  # the checkpoint is memory-mapped: read by the finiteness check and the move to the device
+if init_from != "scratch":  # the checkpoint is memory-mapped: most reads happen while moving it to the device
     log(f"checkpoint read{', grown' if init_from == 'grow' else ''} and on {device} in {time.time() - t_load:.1f} s")
 if ddp and not fsdp:  # the RoPE buffers never change: nothing to broadcast before each forward
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
@@ -553,6 +556,7 @@ resumed_at = iter_num if init_from == "resume" else None  # its eval is in the l
 last_val_bpb = None
 # the last good checkpoint: where a diverged run can start again
 last_good = {"scratch": None, "resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from], iter_num
+iter_at_start = iter_num
 NEVER = 2**62
 first_bad = torch.full((), NEVER, device=device)  # the first iteration whose loss or gradient norm was not finite
 
@@ -564,6 +568,9 @@ def stop_if_diverged():
         dist.all_reduce(bad, op=dist.ReduceOp.MIN)
     if bad.item() != NEVER:
         kept = f"{last_good[0]} (iteration {last_good[1]}) is kept" if last_good[0] else "no checkpoint was written"
+        if bad.item() == last_good[1] == iter_at_start and init_from != "scratch":  # its first step: the file is bad
+            raise SystemExit(f"{last_good[0]} gives a non-finite loss at its first step (iteration {bad.item()}): "
+                             "it holds NaN or inf; pass an earlier checkpoint")
         raise SystemExit(f"training diverged at iteration {bad.item()}: the loss or gradient norm is not finite; "
                          f"{kept}; start again from it with a lower LR: --init_from=branch --branch_from=PATH/ckpt.pt "
                          "--old_lr_mult=0.3 (scales every generation) in a new out_dir, or lower grad_clip")
