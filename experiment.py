@@ -32,8 +32,9 @@ OUT, LOGS = "out/study", "assets/study"  # relative to the folder it runs in (wh
 HERE = os.path.dirname(os.path.abspath(__file__))
 COOLDOWN = 0.2  # of the iterations before it
 
-# A regime: the final shape's config, the small one, the tiers' data, scratch's budget and peak LRs, and
-# the reference ladder (stage 1 iterations; stage 2 gets what is left of scratch's budget in FLOPs).
+# A regime: the final shape's config, the small one (and a mid one), scratch's budget, branches and peak LRs,
+# stage 1's iterations, and its own ladders if not LADDERS below.
+GROW = ["--init_from=grow", "--lr_mult=1.0"]  # the reference: every generation at the stage's peak
 REGIMES = {
     "c": dict(  # compute-bound: the final shape sees its training text about once
         final="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=800, branches=4,
@@ -42,11 +43,16 @@ REGIMES = {
     "tiny": dict(  # the CPU ladder, for the tests and a first look
         final="config/tiny_stage2.py", small="config/tiny_stage1.py", scratch_iters=40, branches=2, lrs=(3e-3,),
         s1_iters=20, common=["--eval_interval=10", "--eval_windows=16", "--log_interval=5"]),
+    "t": dict(  # as the earlier experiment: 134.1M final, scratch sees the text about 2.4 times; not run yet
+        final="config/exp_stage3.py", mid="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=1984,
+        branches=4, lrs=(5e-4, 1e-3, 2e-3), s1_iters=1500, common=["--eval_interval=100"],
+        ladders={"ref": [("small", [], 1), ("mid", GROW, 1300 / 1500), ("final", GROW, None)],
+                 "new2x": [("small", [], 1), ("mid", [*GROW, "--lr_mult=2.0"], 1300 / 1500),
+                           ("final", [*GROW, "--lr_mult=2.0"], None)]}),
 }
 # Ladder variants: each a list of stages (small or final shape, overrides, iterations as a multiple of the
 # regime's s1_iters); the last stage trains the final shape on what is left of scratch's budget in FLOPs and
 # cools down. A variant's first stages that equal the reference's are the reference's runs, shared.
-GROW = ["--init_from=grow", "--lr_mult=1.0"]  # the reference: every generation at the stage's peak
 LADDERS = {
     "ref": [("small", [], 1), ("final", GROW, None)],
     "cosine": [("small", ["--schedule=cosine", "--decay_iters={iters}"], 1),
@@ -123,7 +129,7 @@ def runs(regime, seeds):
                                                       f"--max_iters={cd}", f"--cooldown_iters={cd}"]),
                              stable)
         made = {}  # stage spec (with the specs before it) -> run name: shared stages run once
-        for variant, stages in LADDERS.items():
+        for variant, stages in r.get("ladders", LADDERS).items():
             parent, spent, prefix = None, 0, ()
             for k, (shape, args, scale) in enumerate(stages, 1):
                 config = r[shape]
@@ -280,7 +286,8 @@ def report(png_prefix):
             lr_sweep={v: fr[:, 1].tolist() for v, fr in sorted(frontiers.items())})
         for n in mine:
             _, variant, seed, part = parse(n)
-            if variant.startswith("scratch") or part != f"s{len(LADDERS[variant])}" or not final_eval(n):
+            if variant.startswith("scratch") or part != f"s{len(REGIMES[regime].get('ladders', LADDERS)[variant])}" \
+                    or not final_eval(n):
                 continue  # only a ladder's last stage, once it has run
             flops, bpb = final_eval(n)
             equal, where = frontier_flops(frontier, bpb)
