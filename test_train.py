@@ -106,14 +106,17 @@ def stage_args(data, k, parent=None, lr_mode="generation", schedule=None):
             f"--tokenizer={LLAMA2}", *TINY, *schedule, f"--lr_mode={lr_mode}", *(["--n_layer=4"] if k == 3 else [])]
 
 
-@pytest.fixture(scope="session")
-def ladder(data, tmp_path_factory):
-    """Three stages, each growing the one before: {stage: out_dir}."""
-    root = tmp_path_factory.mktemp("ladder")
+def train_ladder(root, args_of):
+    """Three stages, each growing the one before (args_of(k, parent) gives stage k's arguments): {stage: out_dir}."""
     dirs = {k: root / f"s{k}" for k in (1, 2, 3)}
     for k in (1, 2, 3):
-        train(dirs[k], *stage_args(data, k, dirs.get(k - 1)))
+        train(dirs[k], *args_of(k, dirs.get(k - 1)))
     return dirs
+
+
+@pytest.fixture(scope="session")
+def ladder(data, tmp_path_factory):
+    return train_ladder(tmp_path_factory.mktemp("ladder"), lambda k, parent: stage_args(data, k, parent))
 
 
 # the WSD ladder: the same shapes, each generation warms up from its birth and holds; stage 2 scales the
@@ -137,12 +140,7 @@ def wsd_stage_args(data, k, parent=None):
 
 @pytest.fixture(scope="session")
 def wsd_ladder(data, tmp_path_factory):
-    """The WSD ladder's three stages: {stage: out_dir}."""
-    root = tmp_path_factory.mktemp("wsd")
-    dirs = {k: root / f"s{k}" for k in (1, 2, 3)}
-    for k in (1, 2, 3):
-        train(dirs[k], *wsd_stage_args(data, k, dirs.get(k - 1)))
-    return dirs
+    return train_ladder(tmp_path_factory.mktemp("wsd"), lambda k, parent: wsd_stage_args(data, k, parent))
 
 
 def step_of(event):
