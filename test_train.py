@@ -870,7 +870,12 @@ def test_a_grow_py_checkpoint_resumed_runs_the_parent_tier_check(ladder, data, t
                         "--n_layer=3", "--n_head=3", "--ffn_hidden=128", "--vocab_size=1024",
                         f"--data_dir={data / 'llama2_v1024'}"], cwd=HERE, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    args = [a for a in stage_args(data, 2, ladder[1]) if not a.startswith("--grow_from")]
+    args = [a for a in stage_args(data, 2, ladder[1]) if not a.startswith("--grow_from")] + ["--tier_ramp_iters=4"]
     log = train(out, *args, "--init_from=resume")
     grow = log[0]
     assert grow["event"] == "grow" and grow["parent_tier_val_bpb"] == pytest.approx(grow["parent_val_bpb"], rel=1e-6)
+    # and it ramps from the parent's tier as train.py's own growth does (the rows depend on (seed, iter) alone)
+    ramp = {e["iter"]: e.get("old_tier_rows") for e in log if e["event"] == "train"}
+    own = train(tmp_path / "own", *args, f"--grow_from={ladder[1] / 'ckpt.pt'}")
+    assert ramp == {e["iter"]: e.get("old_tier_rows") for e in own if e["event"] == "train"}
+    assert ramp[STAGE_ITERS + 1] == 1.0 and ramp[2 * STAGE_ITERS] == 0.0

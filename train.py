@@ -337,6 +337,8 @@ def resume(ckpt):
         newborn = run["generations"][-1]
         run["generations"] = run["generations"][:-1] + [stage_schedule(newborn["gen"], newborn["birth"])]
         run["born"] = {newborn["gen"]}
+        if "parent_data" in ckpt:  # a growth as train.py's own: its check, and a ramp if asked for
+            run.update(grown_from_tier(ckpt["parent_data"], ckpt["iter_num"]), rng=None)
     else:
         changed = {k: f"{ckpt['config'][k]} -> {config[k]}" for k in ("batch_size", "grad_accum_steps", "seed")
                    if ckpt["config"][k] != config[k]}
@@ -374,14 +376,24 @@ def branch(ckpt):
     return dict(continued(ckpt), model=model_from_checkpoint(ckpt), stage_start=ckpt["iter_num"], born=set())
 
 
-def parent_tier(ckpt):
-    """The parent's data tier: parent_data_dir if given, else where its checkpoint says (as given, then absolute)."""
-    recorded = ckpt["data"]["data_dir"], ckpt["data"].get("data_dir_abs", "")
+def parent_tier(data):
+    """The parent's data tier: parent_data_dir if given, else where its checkpoint's data record says (as
+    given, then absolute)."""
+    recorded = data["data_dir"], data.get("data_dir_abs", "")
     for path in (parent_data_dir,) if parent_data_dir else recorded:
         if os.path.isfile(os.path.join(path, "meta.json")):
             return path, *open_tier(path)
     raise SystemExit(f"the parent's data tier is not at {' or '.join(p for p in recorded if p)}: "
                      "pass --parent_data_dir=PATH (the tier it was trained on)")
+
+
+def grown_from_tier(parent_data, birth):
+    """The parent's tier, found now, before anything is written (the growth check scores it), and the tier
+    ramp from it when the vocabulary grew and tier_ramp_iters asks for one."""
+    tier = parent_tier(parent_data)
+    ramp = dict(data_dir=tier[0], start=birth, iters=tier_ramp_iters) \
+        if tier_ramp_iters and vocab_size > parent_data["vocab_size"] else None
+    return dict(parent_tier=tier, tier_ramp=ramp)
 
 
 def grow(ckpt):
@@ -395,10 +407,7 @@ def grow(ckpt):
     except GrowError as e:
         raise SystemExit(f"cannot grow {grow_from} to this config: {e}")
     run = dict(continued(ckpt), model=model, optim_state=optim_state, generations=generations,
-               stage_start=ckpt["iter_num"], born={generations[-1]["gen"]}, tier_ramp=None,
-               parent_tier=parent_tier(ckpt))  # found now, before anything is written
-    if vocab_size > ckpt["model_config"]["vocab_size"] and tier_ramp_iters:
-        run["tier_ramp"] = dict(data_dir=run["parent_tier"][0], start=ckpt["iter_num"], iters=tier_ramp_iters)
+               stage_start=ckpt["iter_num"], born={generations[-1]["gen"]}, **grown_from_tier(ckpt["data"], ckpt["iter_num"]))
     log(f"grew {grow_from}: {checkpoint_params(ckpt):,} -> {model.get_num_params():,} "
         f"parameters, generation {generations[-1]['gen']} born at iteration {ckpt['iter_num']}")
     return run
@@ -426,11 +435,8 @@ else:
                            finite=False)
     check_tokenizer(ckpt)
     run = {"resume": resume, "grow": grow, "branch": branch}[init_from](ckpt)
-    if init_from == "grow":  # for the growth check below
+    if "parent_tier" in run:  # grown here or by grow.py: the growth check below
         parent = {"config": ckpt["config"], "last_val_bpb": ckpt["last_val_bpb"], "tier": run["parent_tier"]}
-    elif run["born"] and "parent_data" in ckpt:  # grow.py grew it: the same check, on the parent's record
-        parent = {"config": ckpt["config"], "last_val_bpb": ckpt["last_val_bpb"],
-                  "tier": parent_tier({"data": ckpt["parent_data"]})}  # found now, before anything is written
     del ckpt
 model, optim_state, iter_num, stage_start = run["model"], run["optim_state"], run["iter_num"], run["stage_start"]
 tokens_total, flops_total, best_val_bpb, tier_ramp = run["tokens"], run["flops"], run["best_val_bpb"], run["tier_ramp"]
