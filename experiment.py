@@ -113,7 +113,8 @@ def runs(regime, seeds):
     out, final, small = {}, r["final"], r["small"]
     n, common, every = r["scratch_iters"], r["common"], r["scratch_iters"] // r["branches"]
     target = n * flops_per_iter(final)  # every ladder spends scratch's stable budget
-    tier_final, v_final = config_values(final)["data_dir"], config_values(final)["vocab_size"]
+    final_values = config_values(final)
+    tier_final, v_final = final_values["data_dir"], final_values["vocab_size"]
     for seed in seeds:
         s = [f"--seed={seed}", *common]
         for lr in r["lrs"]:
@@ -135,14 +136,14 @@ def runs(regime, seeds):
                 config = r[shape]
                 last = scale is None
                 fill = dict(v_final=v_final, tier_final=tier_final, iters=0)
-                iters = round((target - spent) / flops_per_iter(config, [a.format(**fill) for a in args])) if last \
-                    else round(scale * r["s1_iters"])
+                per_iter = flops_per_iter(config, [a.format(**fill) for a in args])  # the shape, not {iters}
+                iters = round((target - spent) / per_iter) if last else round(scale * r["s1_iters"])
                 fill["iters"] = iters
                 args = [a.format(**fill) for a in args]
                 prefix += ((config, tuple(args), iters),)
                 name = made.get(prefix) or f"{regime}/{variant}/s{seed}/s{k}"
                 made.setdefault(prefix, name)
-                spent += iters * flops_per_iter(config, args)
+                spent += iters * per_iter
                 if name not in out:
                     cooldown = round(COOLDOWN * iters) if last else 0
                     start = [f"--grow_from={OUT}/{parent}/ckpt.pt"] if parent else ["--init_from=scratch"]

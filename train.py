@@ -33,7 +33,6 @@ from grow import OPTIONS as GROWTH_OPTIONS, GrowError, grow_checkpoint
 from model import CHECKPOINT_KEYS, GPT, GPTConfig, RESUME_KEYS, checkpoint_params, load_checkpoint, \
     model_from_checkpoint, save_checkpoint
 import prepare
-from prepare import eval_window_starts
 
 # -----------------------------------------------------------------------------
 # config, overridable by config/*.py and --key=value
@@ -233,7 +232,7 @@ def evaluate(model, data, meta, n_windows, T):
     parent's tier: restricted, it must give the parent's numbers."""
     model.eval()
     n_windows = -(-n_windows // world) * world  # as many batches on every rank: FSDP forwards are collective
-    starts = eval_window_starts(len(data), n_windows, T)[rank::world]
+    starts = prepare.eval_window_starts(len(data), n_windows, T)[rank::world]
     total = torch.zeros(2, device=device, dtype=torch.float64)  # (sum of losses, count)
     for i in range(0, len(starts), batch_size):
         s = starts[i:i + batch_size]
@@ -600,7 +599,7 @@ while True:
             break
         if iter_num > stage_start and write_checkpoints:
             if not math.isfinite(last_val_bpb):  # without grad_clip a NaN gradient can get past the loss check
-                first_bad.fill_(min(first_bad.item(), iter_num))
+                first_bad.clamp_(max=iter_num)
             stop_if_diverged()
             save(iter_num)
             last_good = ckpt_path, iter_num
@@ -628,7 +627,7 @@ while True:
         norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
         if not scaler.is_enabled():  # under float16 the scaler skips an overflowing step, as it should
             finite &= torch.isfinite(norm)
-    first_bad.copy_(torch.where(~finite, torch.clamp(first_bad, max=iter_num), first_bad))
+    first_bad.copy_(torch.where(~finite, first_bad.clamp(max=iter_num), first_bad))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
