@@ -68,6 +68,12 @@ LADDERS = {
     "reset_adam": [("small", [], 1), ("final", [*GROW, "--reset_optimizer=True"], None)],
     # the two learning-rate levers that helped most when screened, together
     "new2x_old0.5": [("small", [], 1), ("final", [*GROW, "--lr_mult=2.0", "--old_lr_mult=0.5"], None)],
+    # stage 1 at scratch's best peak LR (2e-3, not the configs' 1e-3): is it the ladder's LR that was untuned?
+    "lr2": [("small", ["--learning_rate=2e-3"], 1), ("final", [*GROW, "--learning_rate=2e-3"], None)],
+    "lr2_new2x": [("small", ["--learning_rate=2e-3"], 1),
+                  ("final", [*GROW, "--learning_rate=2e-3", "--lr_mult=2.0"], None)],
+    "lr2_old0.5": [("small", ["--learning_rate=2e-3"], 1),
+                   ("final", [*GROW, "--learning_rate=2e-3", "--old_lr_mult=0.5"], None)],
     "short_s1": [("small", [], 0.5), ("final", GROW, None)],
     "late": [("small", [], 2), ("final", GROW, None)],
     "no_tiers": [("small", ["--vocab_size={v_final}", "--data_dir={tier_final}"], 1), ("final", GROW, None)],
