@@ -163,6 +163,20 @@ def log_copy(name):
     return os.path.join(LOGS, name.replace("/", "__") + ".jsonl")
 
 
+def keep_log(name):
+    """Copy a finished run's log to LOGS. A run done again (a later call needs it as a parent, and
+    checkpoints do not travel) keeps the first log as the study's; the new one goes to LOGS_reruns,
+    numbered, as a measure of run-to-run noise."""
+    dest = log_copy(name)
+    if os.path.exists(dest):
+        reruns = LOGS.rstrip("/") + "_reruns"
+        os.makedirs(reruns, exist_ok=True)
+        stem = os.path.join(reruns, os.path.basename(dest)[:-len(".jsonl")])
+        dest = next(f"{stem}__rerun{k}.jsonl" for k in range(1, 1000) if not os.path.exists(f"{stem}__rerun{k}.jsonl"))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.copy(f"{OUT}/{name}/log.jsonl", dest)
+
+
 def finished(name, args):
     """A run is done when its log ends with the eval at its last iteration (a branch or grow counts from its parent)."""
     path = f"{OUT}/{name}/log.jsonl"
@@ -209,8 +223,7 @@ def run(names, extra, jobs):
                 failed.append(name)
                 print(f"FAILED {name} (exit {proc.returncode}): see {OUT}/{name}/stdout.log", flush=True)
             else:
-                os.makedirs(LOGS, exist_ok=True)
-                shutil.copy(f"{OUT}/{name}/log.jsonl", log_copy(name))
+                keep_log(name)
                 print(f"finished {name} in {time.time() - t:.0f} s", flush=True)
         time.sleep(0.5)
     if failed:

@@ -57,3 +57,15 @@ def test_report_gives_a_flops_ratio_against_a_two_branch_frontier(study):
 def test_a_finished_run_is_not_run_again(study):
     out = experiment(study, "run", "tiny/ref", "--jobs=2", f"--tokenizer={LLAMA2}", "--compile=False")
     assert out.count("done already") == 2 and "start" not in out
+
+
+def test_a_run_done_again_keeps_the_first_log_and_files_the_new_one_as_a_rerun(study):
+    # a later device call re-runs a parent whose checkpoint did not travel: the study keeps the log its
+    # children grew from
+    import shutil
+    shutil.rmtree(study / "out" / "study" / "tiny" / "ref" / "s1337" / "s1")
+    first = (study / "assets" / "study" / "tiny__ref__s1337__s1.jsonl").read_text()
+    experiment(study, "run", "tiny/ref/s1337/s1", "--jobs=1", f"--tokenizer={LLAMA2}", "--compile=False")
+    assert (study / "assets" / "study" / "tiny__ref__s1337__s1.jsonl").read_text() == first
+    rerun = study / "assets" / "study_reruns" / "tiny__ref__s1337__s1__rerun1.jsonl"
+    assert rerun.exists() and json.loads(rerun.read_text().splitlines()[-1])["event"] == "eval"
