@@ -214,7 +214,7 @@ class GPTConfig:
 
 
 def rms_norm(x, weight, eps, fused=False):
-    if fused:  # 'llama' casting is ours: float32 statistics, the weight applied after casting back
+    if fused:  # 'llama' casting is ours (float32 statistics, the weight after casting back); in place: only it reads dY
         return LIGER["rms_norm"].apply(x, weight, eps, 0.0, "llama", True)
     # normalise in float32 even under bf16 autocast
     xf = x.float() if x.dtype != torch.float64 else x
@@ -298,9 +298,9 @@ class Block(nn.Module):
         self.eps = config.norm_eps
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
-        norm = "rms_norm" in self.fused
-        x = x + self.attn(rms_norm(x, self.attn_norm.weight, self.eps, norm), cos, sin, cache, start_pos)
-        return x + self.ffn(rms_norm(x, self.ffn_norm.weight, self.eps, norm))
+        fused_norm = "rms_norm" in self.fused
+        x = x + self.attn(rms_norm(x, self.attn_norm.weight, self.eps, fused_norm), cos, sin, cache, start_pos)
+        return x + self.ffn(rms_norm(x, self.ffn_norm.weight, self.eps, fused_norm))
 
 
 class GPT(nn.Module):
