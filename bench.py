@@ -4,17 +4,21 @@ CUDA events. In one run it compares, for the shape of a config:
     fresh      a freshly built model
     grown      the same shape reached by growing through three generations, blocks not condensed
     condensed  the grown model with its blocks merged into one per weight
-each eager and compiled (per block and head). A step is micro_steps forward/backward passes of
-batch_size x block_size tokens and one optimizer step, as a training iteration on one GPU. MFU
-counts 6 FLOPs per weight per token plus attention with the causal discount (only the lower
-triangle of the scores is computed).
+each eager and compiled (per block and head), and each with today's kernels or liger-kernel's fused
+ones (fused_kernels: a fused run first checks its loss and gradients against today's code, and is not
+timed if they differ). A step is micro_steps forward/backward passes of batch_size x block_size tokens
+and one optimizer step, as a training iteration on one GPU. MFU counts 6 FLOPs per weight per token
+plus attention with the causal discount (only the lower triangle of the scores is computed).
 
     python bench.py config/stage1.py
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --profile=True  # where the time goes
+    python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --fused_kernels=none,all  # liger's
     torchrun --standalone --nproc_per_node=2 bench.py config/stage1.py --variants=fresh  # DDP scaling
 """
 
+import copy
 import json
+import math
 import os
 import re
 from contextlib import nullcontext
@@ -25,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import condense, grow_model
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, fused_kernel_names, load_fused_kernels
 
 # -----------------------------------------------------------------------------
 vocab_size, n_layer, n_head, head_dim, ffn_hidden, block_size = 4096, 10, 5, 128, 1792, 2048
@@ -38,6 +42,8 @@ peak_flops = 989e12
 peak_flops_name = "H100/H200 SXM bf16 dense"
 out_json = ""  # also write the results here
 profile = False  # after timing, profile 3 steps and print GPU time by kind of kernel
+fused_kernels = "none"  # comma-separated runs, each 'none', 'all' or ops of model.FUSABLE joined by '+'
+fused_batch_size = 0  # the fused runs' micro-batch (0: batch_size): the fused cross-entropy holds no logits
 # the config files set training keys bench ignores
 (out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters,
  eval_interval, eval_windows, log_interval, compile, grad_accum_steps, parallelism) = (None,) * 15
@@ -52,6 +58,11 @@ if ddp:
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
 device = torch.device("cuda", torch.cuda.current_device())
+try:
+    runs = {spec: fused_kernel_names(spec) for spec in fused_kernels.split(",")}
+except ValueError as e:
+    raise SystemExit(str(e))
+load_fused_kernels(frozenset().union(*runs.values()), device)  # refused now, not after the other runs
 torch.backends.cuda.matmul.allow_tf32 = True
 final = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
                   ffn_hidden=ffn_hidden, block_size=block_size)
@@ -82,7 +93,53 @@ def train_step(runner, optimizer, x):
     optimizer.zero_grad(set_to_none=True)
 
 
-KERNEL_KINDS = [("attention", r"sdpa|flash|fmha|attn|cudnn"), ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|matmul"),
+# fused kernels compared with today's on the same weights and batch, both under bf16 autocast: the loss to
+# LOSS_RTOL, and each gradient to GRAD_RTOL of its norm. bf16 keeps 8 significant bits (0.4%); measured on the CPU,
+# today's eager and compiled code differ by up to 1% of a gradient's norm, and RoPE in float32 (liger's) against
+# today's bf16 RoPE by up to 1.6% (wq, wk; 8 layers, d=512). A wrong layout, scale or gain is off by tens of percent.
+LOSS_RTOL, GRAD_RTOL = 1e-3, 0.05
+
+
+def loss_and_grads(model, x, rows):
+    """The mean loss of model on x (as its own targets) and every parameter's gradient, rows of x at a time."""
+    loss_sum = 0.0
+    for chunk in x.split(rows):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(chunk, chunk)
+        (loss * len(chunk) / len(x)).backward()
+        loss_sum += loss.item() * len(chunk)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss_sum / len(x), grads
+
+
+def check_fused(model, reference, spec, x):
+    """Refuse to time fused kernels (SystemExit) whose loss or gradients on x are not today's code's (reference,
+    eager, the same weights; 8 rows at a time, so that a batch only the fused head fits still runs)."""
+    loss, grads = loss_and_grads(model, x, len(x))
+    ref_loss, ref_grads = loss_and_grads(reference, x, 8)
+    rel = {n: ((grads[n] - g).norm() / g.norm()).item() for n, g in ref_grads.items()}
+    worst = max(rel, key=lambda n: rel[n] if math.isfinite(rel[n]) else math.inf)
+    said = (f"loss {loss:.6f} against today's {ref_loss:.6f}, gradients off by up to {rel[worst]:.2%} of their norm "
+            f"(worst: {worst})")
+    if not (abs(loss - ref_loss) <= LOSS_RTOL * abs(ref_loss) and rel[worst] <= GRAD_RTOL):
+        raise SystemExit(f"fused_kernels={spec} is not today's model: {said}; tolerances {LOSS_RTOL:g} on the "
+                         f"loss, {GRAD_RTOL:.0%} on a gradient: not timed")
+    if rank == 0:
+        print(f"fused_kernels={spec} checked: {said}", flush=True)
+
+
+def unfused_copy(model):
+    """Draw model's weights afresh (gains around 1, no zero strips: every path carries a gradient, and a kernel
+    that ignored a gain would show) and return a copy that runs today's code."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(mean=1.0 if p.dim() == 1 else 0.0, std=0.2 if p.dim() == 1 else 0.02)
+    return copy.deepcopy(model)
+
+
+KERNEL_KINDS = [("liger", r"^_rms_norm|^_triton_rope|^_swiglu|liger_cross_entropy|element_mul"),
+                ("attention", r"sdpa|flash|fmha|attn|cudnn"), ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|matmul"),
                 ("adamw", r"adam"), ("elementwise (inductor)", r"^triton_")]
 
 
@@ -99,17 +156,25 @@ def profile_kernels(step, steps=3):
     return kinds
 
 
-def bench(variant, compiled):
+def bench(variant, compiled, spec):
     torch.manual_seed(0)
     torch._dynamo.reset()  # no graphs or dynamic-shape decisions carried over from the previous variant
     model = build(variant).to(device)
+    fused = runs[spec]
+    reference = unfused_copy(model) if fused else None
+    model.use_fused_kernels(fused)
     if compiled:
         model.compile_parts()
+    batch = fused_batch_size if fused and fused_batch_size else batch_size
+    x = torch.randint(0, vocab_size, (batch, block_size), device=device)
+    torch._dynamo.utils.counters.clear()
+    if fused:
+        check_fused(model, reference, spec, x)
+        del reference
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=True)
     runner = DDP(model, device_ids=[device.index]) if ddp else model
-    x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch._dynamo.utils.counters.clear()
+    torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the check's
     for step in range(warmup_steps + timed_steps):
         if step == warmup_steps:
             start.record()
@@ -120,29 +185,31 @@ def bench(variant, compiled):
     if profile:  # every rank steps (DDP all-reduces), rank 0 reports
         kernel_ms = profile_kernels(lambda: train_step(runner, optimizer, x))
         if rank == 0:
-            print(f"{variant} {'compiled' if compiled else 'eager'}: of {1e3 * dt:.1f} ms/step, GPU kernels "
-                  + ", ".join(f"{k} {v:.1f} ms" for k, v in kernel_ms.items()), flush=True)
-    tok_per_s = micro_steps * batch_size * block_size / dt  # per GPU
-    return dict(variant=variant, compiled=compiled, gpus=world, blocks=sum(1 for _ in model.parameters()),
-                step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
+            print(f"{variant} {'compiled' if compiled else 'eager'} fused={spec}: of {1e3 * dt:.1f} ms/step, "
+                  "GPU kernels " + ", ".join(f"{k} {v:.1f} ms" for k, v in kernel_ms.items()), flush=True)
+    tok_per_s = micro_steps * batch * block_size / dt  # per GPU
+    counters = torch._dynamo.utils.counters
+    return dict(variant=variant, compiled=compiled, fused_kernels=spec, batch_size=batch, gpus=world,
+                blocks=sum(1 for _ in model.parameters()), step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
                 mfu=model.flops_per_token(block_size) * tok_per_s / peak_flops,
-                compiled_frames=torch._dynamo.utils.counters["stats"]["unique_graphs"],
+                compiled_frames=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
 
 
 results = []
 for variant in variants.split(","):
     for mode in compile_modes.split(","):
-        r = bench(variant, mode == "compiled")
-        results.append(r)
-        if rank == 0:
-            print(f"{variant:9s} {mode:8s} {r['blocks']:4d} blocks  {r['step_ms']:8.1f} ms/step  "
-                  f"{r['tok_per_s_per_gpu']:10,.0f} tok/s/GPU  MFU {100 * r['mfu']:5.1f}%  "
-                  f"graphs {r['compiled_frames']}  peak {r['peak_mem_gb']:.1f} GiB", flush=True)
-        torch.cuda.reset_peak_memory_stats()
+        for spec in runs:
+            r = bench(variant, mode == "compiled", spec)
+            results.append(r)
+            if rank == 0:  # graph breaks: the fused cross-entropy's one is on purpose (torch.compiler.disable)
+                print(f"{variant:9s} {mode:8s} fused={spec:5s} batch {r['batch_size']:3d} {r['blocks']:4d} blocks  "
+                      f"{r['step_ms']:8.1f} ms/step  {r['tok_per_s_per_gpu']:10,.0f} tok/s/GPU  "
+                      f"MFU {100 * r['mfu']:5.1f}%  graphs {r['compiled_frames']} breaks {r['graph_breaks']}  "
+                      f"peak {r['peak_mem_gb']:.1f} GiB", flush=True)
 if rank == 0:
-    print(f"{torch.cuda.get_device_name()}, {world} GPU(s), {micro_steps} x batch {batch_size}x{block_size} per step, "
-          f"MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}), causal attention FLOPs")
+    print(f"{torch.cuda.get_device_name()}, {world} GPU(s), {micro_steps} micro-steps of {block_size} tokens per row "
+          f"per step, MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}), causal attention FLOPs")
     if out_json:
         with open(out_json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), config=str(final), results=results), f, indent=1)

@@ -2,7 +2,8 @@
 A Llama-2-style GPT whose weights can grow.
 
 Architecture (Llama 2): RMSNorm pre-norm, SwiGLU FFN, RoPE, causal attention through
-F.scaled_dot_product_attention, no biases, untied embedding and lm_head.
+F.scaled_dot_product_attention, no biases, untied embedding and lm_head. On CUDA, use_fused_kernels
+can run the norms, RoPE, SwiGLU and the head's loss through liger-kernel's Triton kernels (optional).
 
 Growth (see grow.py and GROWTH.md sections 1-2): every weight is a `Growable`, which keeps
 one nn.Parameter per *generation block*: the rectangle it was born with, then for every
@@ -134,6 +135,54 @@ class Growable(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# fused kernels, optional: liger-kernel's Triton versions of the elementwise ops, on CUDA
+
+FUSABLE = ("rms_norm", "rope", "swiglu", "linear_cross_entropy")
+LIGER = {}  # op -> liger-kernel's autograd Function, filled by load_fused_kernels
+
+
+def fused_kernel_names(spec):
+    """The ops a fused_kernels setting names: '' or 'none', 'all', or names of FUSABLE joined by '+'."""
+    if spec in ("", "none"):
+        return frozenset()
+    names = FUSABLE if spec == "all" else spec.split("+")
+    unknown = [n for n in names if n not in FUSABLE]
+    if unknown:
+        raise ValueError(f"fused_kernels={spec!r}: {unknown[0]!r} is not one of {', '.join(FUSABLE)} "
+                         "(join several with '+'; 'all' or 'none')")
+    return frozenset(names)
+
+
+def load_fused_kernels(names, device):
+    """Import liger-kernel's Functions to run names on device; a one-line SystemExit where they cannot run
+    (liger-kernel is an optional dependency, and Triton's kernels need CUDA)."""
+    if not names:
+        return
+    asked = "+".join(n for n in FUSABLE if n in names)
+    if device.type != "cuda":
+        raise SystemExit(f"fused_kernels={asked} runs liger-kernel's Triton kernels, which need a CUDA device, "
+                         f"not {device.type}: leave fused_kernels empty there")
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.rope import LigerRopeFunction
+        from liger_kernel.ops.swiglu import LigerFusedGateUpSiLUMulFunction
+    except Exception as e:  # not installed, or no Triton that it can use: say which
+        raise SystemExit(f"fused_kernels={asked} needs liger-kernel, an optional dependency (pip install "
+                         f"liger-kernel): importing it failed with {type(e).__name__}: {e}") from None
+    LIGER.update(rms_norm=LigerRMSNormFunction, rope=LigerRopeFunction, swiglu=LigerFusedGateUpSiLUMulFunction,
+                 linear_cross_entropy=LigerFusedLinearCrossEntropyFunction)
+
+
+@torch.compiler.disable  # it syncs on .item() and runs its own chunked GEMMs: nothing for inductor to fuse
+def fused_linear_cross_entropy(x, weight, targets):
+    """Mean cross-entropy of x @ weight.T against targets, a chunk of rows at a time: the logits are never
+    held whole, and the gradients are computed in the forward (liger-kernel)."""
+    loss, *_ = LIGER["linear_cross_entropy"].apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1))
+    return loss
+
+
+# -----------------------------------------------------------------------------
 # the model
 
 
@@ -164,7 +213,9 @@ class GPTConfig:
                              "use a positive multiple of 8 (Llama's: 8d/3 rounded up to a multiple of 256)")
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x, weight, eps, fused=False):
+    if fused:  # 'llama' casting is ours (float32 statistics, the weight after casting back); in place: only it reads dY
+        return LIGER["rms_norm"].apply(x, weight, eps, 0.0, "llama", True)
     # normalise in float32 even under bf16 autocast
     xf = x.float() if x.dtype != torch.float64 else x
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
@@ -186,6 +237,8 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    fused = frozenset()  # set by GPT.use_fused_kernels
+
     def __init__(self, config, gen=0):
         super().__init__()
         d, hd = config.n_embd, config.n_head * config.head_dim
@@ -198,7 +251,10 @@ class Attention(nn.Module):
         # one GEMM for q, k and v: copying the weights together costs less than the two GEMMs it saves
         qkv = F.linear(x, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if "rope" in self.fused:  # one kernel rotates both; cos and sin cover half a head, rotary_dim says so
+            q, k = LIGER["rope"].apply(q, k, cos, sin, None, 1, self.head_dim)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if cache is not None:  # keep this step's keys and values, attend over the whole prefix
             cache_k, cache_v = cache  # (B, n_head, max_len, head_dim)
@@ -213,6 +269,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    fused = frozenset()  # set by GPT.use_fused_kernels
+
     def __init__(self, config, gen=0):
         super().__init__()
         d, h = config.n_embd, config.ffn_hidden
@@ -221,11 +279,18 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        gate, up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)  # one GEMM, as qkv
-        return self.dropout(F.linear(F.silu(gate) * up, self.w2.weight))
+        gate_up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight]))  # one GEMM, as qkv
+        if "swiglu" in self.fused:  # reads gate and up where the GEMM wrote them; its backward wants 2-D rows
+            hidden = LIGER["swiglu"].apply(gate_up.flatten(0, -2)).view(*gate_up.shape[:-1], -1)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = F.silu(gate) * up
+        return self.dropout(F.linear(hidden, self.w2.weight))
 
 
 class Block(nn.Module):
+    fused = frozenset()  # set by GPT.use_fused_kernels
+
     def __init__(self, config, gen=0):
         super().__init__()
         self.attn_norm, self.ffn_norm = Growable(config.n_embd, gen=gen), Growable(config.n_embd, gen=gen)
@@ -233,11 +298,14 @@ class Block(nn.Module):
         self.eps = config.norm_eps
 
     def forward(self, x, cos, sin, cache=None, start_pos=0):
-        x = x + self.attn(rms_norm(x, self.attn_norm.weight, self.eps), cos, sin, cache, start_pos)
-        return x + self.ffn(rms_norm(x, self.ffn_norm.weight, self.eps))
+        fused_norm = "rms_norm" in self.fused
+        x = x + self.attn(rms_norm(x, self.attn_norm.weight, self.eps, fused_norm), cos, sin, cache, start_pos)
+        return x + self.ffn(rms_norm(x, self.ffn_norm.weight, self.eps, fused_norm))
 
 
 class GPT(nn.Module):
+    fused = frozenset()  # the ops of FUSABLE run through liger-kernel, here and in every block (use_fused_kernels)
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -281,11 +349,22 @@ class GPT(nn.Module):
     def head(self, x, targets=None):
         """Final norm, logits and loss; its own function so compile_parts can fuse the fp32 log-softmax
         over the vocabulary, which eager runs as several passes over a (B*T, vocab) matrix."""
-        logits = F.linear(rms_norm(x, self.norm.weight, self.config.norm_eps), self.lm_head.weight)
+        x = rms_norm(x, self.norm.weight, self.config.norm_eps, "rms_norm" in self.fused)
+        if targets is not None and "linear_cross_entropy" in self.fused:  # no logits: they are never held whole
+            return None, fused_linear_cross_entropy(x, self.lm_head.weight, targets)
+        logits = F.linear(x, self.lm_head.weight)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
+
+    def use_fused_kernels(self, names):
+        """Run the ops in names (of FUSABLE) through liger-kernel on this model's device, from the next forward;
+        a grown model's new blocks start without them. An empty set is today's code."""
+        load_fused_kernels(names, next(self.tok_emb.parameters()).device)
+        for m in self.modules():
+            if isinstance(m, (GPT, Block, Attention, FeedForward)):
+                m.fused = frozenset(names)
 
     def compile_parts(self):
         """torch.compile every block and the head, not the whole model: growth changes the depth, and

@@ -506,6 +506,10 @@ def bad_inputs(data, tmp):
         ("unknown parallelism", ["config/tiny_stage1.py", v512, "--parallelism=zero3"], "parallelism='zero3' is not"),
         ("zero eval_interval", ["config/tiny_stage1.py", v512, "--eval_interval=0"], "eval_interval=0 must be positive"),
         ("zero eval_windows", ["config/tiny_stage1.py", v512, "--eval_windows=0"], "eval_windows=0 must be positive"),
+        ("fused kernels on the CPU", ["config/tiny_stage1.py", v512, "--fused_kernels=rope+swiglu", "--device=cpu"],
+         "fused_kernels=rope+swiglu runs liger-kernel's Triton kernels, which need a CUDA device, not cpu"),
+        ("an unknown fused kernel", ["config/tiny_stage1.py", v512, "--fused_kernels=rmsnorm"],
+         "fused_kernels='rmsnorm': 'rmsnorm' is not one of"),
     ]
 
 

@@ -30,8 +30,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import OPTIONS as GROWTH_OPTIONS, GrowError, grow_checkpoint
-from model import CHECKPOINT_KEYS, GPT, GPTConfig, RESUME_KEYS, checkpoint_params, load_checkpoint, \
-    model_from_checkpoint, save_checkpoint
+from model import CHECKPOINT_KEYS, GPT, GPTConfig, RESUME_KEYS, checkpoint_params, fused_kernel_names, \
+    load_checkpoint, load_fused_kernels, model_from_checkpoint, save_checkpoint
 import prepare
 
 # -----------------------------------------------------------------------------
@@ -96,6 +96,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False
 activation_checkpointing = False  # recompute each block's activations in backward: ~1/3 more compute, far less memory
+fused_kernels = ""  # 'all', or ops of model.FUSABLE joined by '+', run by liger-kernel's Triton kernels (CUDA; optional)
 parallelism = "ddp"  # 'ddp' (replicate) | 'fsdp' (FSDP2: shard every block and the root; past one GPU's memory)
 peak_flops = 989e12  # per GPU, for MFU
 peak_flops_name = "H100/H200 SXM bf16 dense"
@@ -144,6 +145,11 @@ if device.startswith("cuda") and not torch.cuda.is_available():
 if dtype == "float16" and (not device.startswith("cuda") or parallelism == "fsdp"):
     raise SystemExit("dtype='float16' (with a GradScaler, for GPUs without bfloat16 such as the T4) needs "
                      "device=cuda and parallelism='ddp'; elsewhere use bfloat16 or float32")
+try:
+    fused = fused_kernel_names(fused_kernels)
+except ValueError as e:
+    raise SystemExit(str(e))
+load_fused_kernels(fused, torch.device(device))  # here, before anything is read or written: it may refuse
 # -----------------------------------------------------------------------------
 
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -453,6 +459,7 @@ if run["rng"] is not None and init_from in ("resume", "branch") and master:
 scaler_state = run.get("scaler") if init_from in ("resume", "branch") else None
 del run
 model.to(device)
+model.use_fused_kernels(fused)
 model_config = model.config
 raw_model = model  # saved and grown; the compiled / DDP wrappers only run it
 if compile:
