@@ -40,7 +40,8 @@ out_json = ""  # also write the results here
 profile = False  # after timing, profile 3 steps and print GPU time by kind of kernel
 # the config files set training keys bench ignores
 (out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters,
- eval_interval, eval_windows, log_interval, compile, grad_accum_steps, parallelism) = (None,) * 15
+ eval_interval, eval_windows, log_interval, compile, grad_accum_steps, parallelism, lr_mult,
+ cooldown_iters) = (None,) * 17
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
