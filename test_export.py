@@ -1,6 +1,8 @@
 """Tests for the KV cache, sample.py and export.py, on a three-generation grown tiny model."""
 import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict, replace
 
 import pytest
@@ -119,6 +121,16 @@ def test_cache_in_chunks_equals_full_forward(model):
         chunks = [model(idx[:, a:b], kv_cache=cache, start_pos=a)[0] for a, b in ((0, 9), (9, 10), (10, 40))]
         full = model(idx)[0]
     assert (torch.cat(chunks, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_bench_samples_on_the_cpu():
+    """bench.py --sample=True with stage 3's config file, shrunk: every decoder but the compiled one."""
+    shrink = ["--n_layer=2", "--n_head=2", "--head_dim=16", "--ffn_hidden=64", "--vocab_size=256"]
+    out = subprocess.run([sys.executable, "bench.py", "config/stage3.py", "--sample=True", "--max_new_tokens=4",
+                          "--sample_modes=none,dynamic,static", *shrink], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["none", "dynamic", "static"]
+    assert out.count(" tokens/s ") == 3 and "16 prompt + 4 new tokens, cpu, float32" in out
 
 
 def test_sample_cli(ckpt_path, capsys):
