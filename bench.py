@@ -14,13 +14,24 @@ plus attention with the causal discount (only the lower triangle of the scores i
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --profile=True  # where the time goes
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --fused_kernels=none,all  # liger's
     torchrun --standalone --nproc_per_node=2 bench.py config/stage1.py --variants=fresh  # DDP scaling
+
+With --sample=True it times generation instead, at batch 1 on a random model of the config's shape (bf16 on
+CUDA, float32 on the CPU, where it runs too), by decoder: `none` runs the whole sequence again for every
+token, `dynamic` is GPT.generate's KV cache (the attended prefix grows, so every token has new shapes),
+`static` StaticDecoder eager, `compiled` StaticDecoder with one CUDA graph per token.
+
+    python bench.py config/stage3.py --sample=True
+    python bench.py config/stage1.py --sample=True --sample_modes=none,dynamic,static  # on the CPU, not compiled
 """
 
 import copy
+import functools
 import json
 import math
 import os
 import re
+import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -29,7 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import condense, grow_model
-from model import GPT, GPTConfig, fused_kernel_names, load_fused_kernels
+from model import GPT, GPTConfig, StaticDecoder, fused_kernel_names, load_fused_kernels
 
 # -----------------------------------------------------------------------------
 vocab_size, n_layer, n_head, head_dim, ffn_hidden, block_size = 4096, 10, 5, 128, 1792, 2048
@@ -44,12 +55,60 @@ out_json = ""  # also write the results here
 profile = False  # after timing, profile 3 steps and print GPU time by kind of kernel
 fused_kernels = "none"  # comma-separated runs, each 'none', 'all' or ops of model.FUSABLE joined by '+'
 fused_batch_size = 0  # the fused runs' micro-batch (0: batch_size): the fused cross-entropy holds no logits
+sample = False  # time generation instead (batch 1; CPU too)
+sample_modes = "none,dynamic,static,compiled"
+prompt_tokens = 16
+max_new_tokens = 0  # per timed generation; 0: 256 on CUDA, 32 on the CPU
 # the config files set training keys bench ignores
 (out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters,
- eval_interval, eval_windows, log_interval, compile, grad_accum_steps, parallelism) = (None,) * 15
+ eval_interval, eval_windows, log_interval, compile, grad_accum_steps, parallelism, lr_mult,
+ cooldown_iters) = (None,) * 17
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+final = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
+                  ffn_hidden=ffn_hidden, block_size=block_size)
 
+
+def seconds(fn, sync):
+    """Wall time of fn, the device's queue drained before and after."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def bench_sampling():
+    """Tokens/s of a generation (prompt included, as sample.py prints it), the best of 3 after one of the same
+    shape as warm-up (compilation, the CUDA graph's recording), at sample.py's default temperature and top_k."""
+    modes = sample_modes.split(",")
+    if not set(modes) <= {"none", "dynamic", "static", "compiled"}:
+        raise SystemExit(f"bench.py: --sample_modes={sample_modes}: pick from none,dynamic,static,compiled")
+    on_cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if on_cuda else ("cpu", torch.float32)
+    n_new = max_new_tokens or (256 if on_cuda else 32)
+    sync = torch.cuda.synchronize if on_cuda else lambda: None
+    torch.manual_seed(0)
+    model = GPT(final).to(device, dtype).eval()
+    prompt = torch.randint(0, vocab_size, (1, prompt_tokens), device=device)
+    print(f"sampling {final}: batch 1, {prompt_tokens} prompt + {n_new} new tokens, "
+          f"{torch.cuda.get_device_name() if on_cuda else 'cpu'}, {str(dtype)[6:]}", flush=True)
+    for mode in modes:
+        if mode in ("none", "dynamic"):
+            generate = functools.partial(model.generate, use_cache=mode == "dynamic")
+        else:
+            generate = StaticDecoder(model, 1, prompt_tokens + n_new, compile=mode == "compiled").generate
+        torch._dynamo.utils.counters.clear()
+        generate(prompt, n_new, 0.8, 200)
+        dt = min(seconds(lambda: generate(prompt, n_new, 0.8, 200), sync) for _ in range(3))
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # 0 unless CUDA graphs fell back
+        print(f"{mode:8s} {n_new / dt:8.1f} tokens/s  {1e3 * dt / n_new:7.2f} ms/token"
+              + (f"  CUDA graph skips {skips}" if mode == "compiled" and on_cuda else ""), flush=True)
+
+
+if sample:
+    bench_sampling()
+    sys.exit()
 if not torch.cuda.is_available():
     raise SystemExit("bench.py times CUDA kernels: run it on a machine with an NVIDIA GPU")
 ddp = "RANK" in os.environ
@@ -64,8 +123,6 @@ except ValueError as e:
     raise SystemExit(str(e))
 load_fused_kernels(frozenset().union(*runs.values()), device)  # refused now, not after the other runs
 torch.backends.cuda.matmul.allow_tf32 = True
-final = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
-                  ffn_hidden=ffn_hidden, block_size=block_size)
 
 
 def build(variant):

@@ -256,8 +256,13 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
-        if cache is not None:  # keep this step's keys and values, attend over the whole prefix
+        if cache is not None and isinstance(start_pos, torch.Tensor):  # positions as a tensor: the whole cache, masked
             cache_k, cache_v = cache  # (B, n_head, max_len, head_dim)
+            cache_k.index_copy_(2, start_pos, k), cache_v.index_copy_(2, start_pos, v)
+            k, v = cache_k, cache_v
+            mask = torch.arange(cache_k.size(2), device=x.device) <= start_pos[:, None]  # (T, max_len)
+        elif cache is not None:  # keep this step's keys and values, attend over the whole prefix
+            cache_k, cache_v = cache
             cache_k[:, :, start_pos:start_pos + T], cache_v[:, :, start_pos:start_pos + T] = k, v
             k, v = cache_k[:, :, :start_pos + T], cache_v[:, :, :start_pos + T]
             if start_pos > 0 and T > 1:  # query i sits at start_pos + i; is_causal would align it to key i
@@ -333,12 +338,17 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None, start_pos=0):
         """kv_cache: None, or one (k, v) pair per layer from new_kv_cache, holding positions
-        < start_pos; idx then holds the tokens at start_pos.. (generation feeds only new tokens)."""
+        < start_pos; idx then holds the tokens at start_pos.. (generation feeds only new tokens).
+        start_pos may also be a tensor of idx's T positions (decode_step): the step then attends over the
+        whole cache through a mask, so its shapes and Python values do not change from one position to the next."""
         B, T = idx.shape
-        if start_pos + T > self.config.block_size:
-            raise ValueError(f"sequence length {start_pos + T} exceeds block_size {self.config.block_size}")
+        if isinstance(start_pos, torch.Tensor):  # not checked against block_size: that would read it back to Python
+            cos, sin = self.rope_cos[start_pos], self.rope_sin[start_pos]
+        else:
+            if start_pos + T > self.config.block_size:
+                raise ValueError(f"sequence length {start_pos + T} exceeds block_size {self.config.block_size}")
+            cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = F.embedding(idx, self.tok_emb.weight)  # (B, T, d)
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         for block, cache in zip(self.layers, kv_cache or [None] * len(self.layers)):
             if self.checkpoint_blocks and cache is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
@@ -395,17 +405,14 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, pos:], kv_cache=cache, start_pos=pos)
             pos = idx.size(1) if use_cache else 0
-            logits = logits[:, -1, :].float()
-            if temperature == 0:
-                idx_next = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k)), dim=1)
         return idx
+
+    def decode_step(self, tok, cache, pos, temperature, top_k):
+        """The tokens (B, 1) that follow tok (B, 1) at position pos (a tensor (1,)), the cache holding every
+        earlier position: the same shapes and kernels at every position, so one CUDA graph can replay it."""
+        logits, _ = self(tok, kv_cache=cache, start_pos=pos)
+        return sample_next(logits[:, -1], temperature, top_k)
 
     def get_num_params(self, non_embedding=False):
         """Parameter count; non_embedding drops the token embedding (a lookup, no FLOPs)."""
@@ -451,6 +458,59 @@ class GPT(nn.Module):
             raise ValueError(f"state dict does not match GPTConfig {config}: {sorted(mismatch)[:4]}...")
         model.init_rope()
         return model
+
+
+def sample_next(logits, temperature, top_k):
+    """Next tokens (B, 1) from logits (B, vocab); temperature 0 is greedy. The draw is the exponential race
+    torch.multinomial runs for one sample (argmax of p / Exp(1)), without the validity check that reads the
+    probabilities back to the host: no sync, so a CUDA graph can hold it."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = logits.masked_fill(logits < v[:, [-1]], -float("inf"))
+    probs = F.softmax(logits, dim=-1)
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
+
+
+class StaticDecoder:
+    """Generation with static shapes: one KV cache for (batch_size, max_len), kept from call to call (what an
+    earlier call left past the position is masked out), and GPT.decode_step for every token after the prompt.
+    compile=True compiles the step with CUDA graphs, so on CUDA a token costs one graph replay instead of
+    hundreds of kernel launches from Python."""
+
+    def __init__(self, model, batch_size, max_len, compile=False):
+        if max_len > model.config.block_size:
+            raise ValueError(f"max_len {max_len} exceeds block_size {model.config.block_size}")
+        self.model, self.cache = model, model.new_kv_cache(batch_size, max_len)
+        self.step = GPT.decode_step
+        if compile:
+            for t in (t for kv in self.cache for t in kv):  # written in place: CUDA graphs need it at a fixed address
+                torch._dynamo.mark_static_address(t)
+            # dynamic=False: temperature and top_k are constants of the graph, not inputs on the host
+            self.step = torch.compile(GPT.decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """As GPT.generate: idx (B, T) continued by max_new_tokens tokens. The prompt fills the cache in one
+        forward (shapes vary there, once per call); then one decode_step per token."""
+        B, T = idx.shape
+        batch_size, _, max_len, _ = self.cache[0][0].shape
+        if B != batch_size or T + max_new_tokens > max_len:
+            raise ValueError(f"{B} rows of {T} prompt + {max_new_tokens} new tokens do not fit the cache's "
+                             f"{batch_size} rows of {max_len}")
+        if max_new_tokens == 0:
+            return idx
+        logits, _ = self.model(idx, kv_cache=self.cache)
+        tokens = [sample_next(logits[:, -1], temperature, top_k)]
+        pos = torch.tensor([T], device=idx.device)
+        for _ in range(max_new_tokens - 1):
+            # cloned: a CUDA graph overwrites its output at the next replay
+            tokens.append(self.step(self.model, tokens[-1], self.cache, pos, temperature, top_k).clone())
+            pos += 1
+        return torch.cat([idx, *tokens], dim=1)
 
 
 # -----------------------------------------------------------------------------

@@ -4,18 +4,21 @@ Sample from a checkpoint, decoding through the checkpoint's own vocabulary tier.
 $ python sample.py --ckpt out/stage2/ckpt.pt --prompt "ROMEO:" --num_samples 3 --max_new_tokens 100
 $ python sample.py --ckpt out/stage2/ckpt.pt --prompt_file prompt.txt --temperature 0     # greedy
 $ python sample.py --ckpt out/stage2/ckpt.pt --no_cache      # recompute the prefix at every step
+$ python sample.py --ckpt out/stage2/ckpt.pt --no_compile    # on CUDA: launch every kernel from Python
 
 Each sample ends with its speed in tokens/s (prompt processing included); --no_cache shows what
-the KV cache saves.
+the KV cache saves. With the cache, every token after the prompt runs one static-shape decode step
+(model.StaticDecoder), compiled into a CUDA graph by default on CUDA.
 """
 import argparse
+import functools
 import os
 import time
 
 import torch
 
 from grow import condense
-from model import load_checkpoint, model_from_checkpoint
+from model import StaticDecoder, load_checkpoint, model_from_checkpoint
 from prepare import PrepareError, load_tokenizer
 
 
@@ -49,6 +52,9 @@ def main(argv=None):
     ap.add_argument("--top_k", type=int, default=200, help="0 keeps every token")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--no_cache", action="store_true", help="run without the KV cache (slower)")
+    ap.add_argument("--compile", action="store_true", default=None,
+                    help="compile the decode step into a CUDA graph (the default on cuda)")
+    ap.add_argument("--no_compile", dest="compile", action="store_false", help="launch every kernel from Python")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when there is one)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on cuda, float32 on cpu")
@@ -76,19 +82,26 @@ def main(argv=None):
                          f"do not fit block_size {block_size}; shorten the prompt or --max_new_tokens")
     x = torch.tensor([ids], device=device)
 
+    compiled = not args.no_cache and (device.startswith("cuda") if args.compile is None else args.compile)
+    if args.no_cache:
+        generate = functools.partial(model.generate, use_cache=False)
+    else:
+        generate = StaticDecoder(model, 1, len(ids) + args.max_new_tokens, compile=compiled).generate
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-    # warm-up: CUDA and cuDNN load their kernels on first use, seconds that are not the sampling speed
-    model.generate(x, min(2, args.max_new_tokens), args.temperature, args.top_k or None, use_cache=not args.no_cache)
+    # warm-up: CUDA and cuDNN load their kernels on first use, and a compiled step compiles at its first call
+    # and records its CUDA graph at the second: seconds that are not the sampling speed
+    generate(x, min(3, args.max_new_tokens), args.temperature, args.top_k or None)
     torch.manual_seed(args.seed)
     for _ in range(args.num_samples):
         sync()
         t0 = time.perf_counter()
-        y = model.generate(x, args.max_new_tokens, args.temperature, args.top_k or None, use_cache=not args.no_cache)
+        y = generate(x, args.max_new_tokens, args.temperature, args.top_k or None)
         sync()
         dt = time.perf_counter() - t0
         print(tok.decode(y[0, 1:].tolist()))
         print(f"---------- {args.max_new_tokens} tokens in {dt:.2f}s: {args.max_new_tokens / dt:.1f} tokens/s "
-              f"(KV cache {'off' if args.no_cache else 'on'}, {device}, {str(dtype)[6:]})")
+              f"(KV cache {'off' if args.no_cache else 'on'}{', compiled' if compiled else ''}, {device}, "
+              f"{str(dtype)[6:]})")
 
 
 if __name__ == "__main__":

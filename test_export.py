@@ -1,6 +1,8 @@
 """Tests for the KV cache, sample.py and export.py, on a three-generation grown tiny model."""
 import json
 import os
+import subprocess
+import sys
 from dataclasses import asdict, replace
 
 import pytest
@@ -10,7 +12,8 @@ import export
 import prepare
 import sample
 from grow import grow_model
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, StaticDecoder, load_checkpoint, model_from_checkpoint,
+                   save_checkpoint)
 from prepare import LLAMA2_PATH as LLAMA2, load_tokenizer
 
 TIER = 1024
@@ -72,10 +75,42 @@ def test_export_tokenizer_is_the_tier(ckpt_path, tok, tmp_path):
     assert len(hf_tok) == TIER and ids[0] == tok.bos_id and max(ids) < TIER  # see export.py on transformers 5
 
 
-def test_greedy_with_cache_equals_without(model):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_greedy_with_cache_equals_without(model, cache):
+    """Token for token, two rows of a 7-token prompt. "static" is StaticDecoder's step (a position tensor, the
+    whole cache behind a mask: what the CUDA graph replays), eager."""
     idx = torch.randint(0, TIER, (2, 7), generator=torch.Generator().manual_seed(2))
-    cached = model.generate(idx, 40, temperature=0, use_cache=True)
+    if cache == "static":
+        cached = StaticDecoder(model, 2, 47).generate(idx, 40, temperature=0)
+    else:
+        cached = model.generate(idx, 40, temperature=0, use_cache=True)
     assert torch.equal(cached, model.generate(idx, 40, temperature=0, use_cache=False))
+
+
+def test_static_steps_equal_full_forward(model):
+    """Positions as a tensor: a 9-token prompt, then one token a step. The cache is longer than the sequence,
+    so the positions not written yet must be masked out."""
+    idx = torch.randint(0, TIER, (2, 40), generator=torch.Generator().manual_seed(4))
+    cache = model.new_kv_cache(2, 48)
+    with torch.no_grad():
+        chunks = [model(idx[:, :9], kv_cache=cache, start_pos=torch.arange(9))[0]]
+        chunks += [model(idx[:, t:t + 1], kv_cache=cache, start_pos=torch.tensor([t]))[0] for t in range(9, 40)]
+        full = model(idx)[0]
+    assert (torch.cat(chunks, dim=1) - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("temperature, top_k", [(0, None), (0.8, 20)])
+def test_decode_step_compiles_to_one_graph(model, temperature, top_k):
+    """fullgraph=True raises at a graph break (a read back to Python, a shape that follows the position), which
+    would leave CUDA graphs nothing to capture; the eager backend keeps the eager random stream."""
+    idx = torch.randint(0, TIER, (2, 7), generator=torch.Generator().manual_seed(5))
+    compiled = StaticDecoder(model, 2, 20)
+    compiled.step = torch.compile(GPT.decode_step, backend="eager", fullgraph=True, dynamic=False)
+    outputs = []
+    for decoder in (StaticDecoder(model, 2, 20), compiled):
+        torch.manual_seed(0)
+        outputs.append(decoder.generate(idx, 13, temperature, top_k))
+    assert torch.equal(*outputs)
 
 
 def test_cache_in_chunks_equals_full_forward(model):
@@ -86,6 +121,16 @@ def test_cache_in_chunks_equals_full_forward(model):
         chunks = [model(idx[:, a:b], kv_cache=cache, start_pos=a)[0] for a, b in ((0, 9), (9, 10), (10, 40))]
         full = model(idx)[0]
     assert (torch.cat(chunks, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_bench_samples_on_the_cpu():
+    """bench.py --sample=True with stage 3's config file, shrunk: every decoder but the compiled one."""
+    shrink = ["--n_layer=2", "--n_head=2", "--head_dim=16", "--ffn_hidden=64", "--vocab_size=256"]
+    out = subprocess.run([sys.executable, "bench.py", "config/stage3.py", "--sample=True", "--max_new_tokens=4",
+                          "--sample_modes=none,dynamic,static", *shrink], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["none", "dynamic", "static"]
+    assert out.count(" tokens/s ") == 3 and "16 prompt + 4 new tokens, cpu, float32" in out
 
 
 def test_sample_cli(ckpt_path, capsys):
