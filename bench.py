@@ -12,6 +12,11 @@ triangle of the scores is computed).
     python bench.py config/stage1.py
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --profile=True  # where the time goes
     torchrun --standalone --nproc_per_node=2 bench.py config/stage1.py --variants=fresh  # DDP scaling
+    torchrun --standalone --nproc_per_node=1 bench.py config/stage6.py --variants=fresh,grown \
+        --compile_modes=compiled --batch_size=1 --warmup_steps=2 --timed_steps=3  # FSDP2 peak memory
+
+A config's parallelism='fsdp' (stages 5-7) shards as train.py does (FSDP2, bf16 blocks, fp32 root), over
+torchrun's ranks; on one rank nothing is sharded, and the peak is the whole model's.
 """
 
 import json
@@ -38,9 +43,10 @@ peak_flops = 989e12
 peak_flops_name = "H100/H200 SXM bf16 dense"
 out_json = ""  # also write the results here
 profile = False  # after timing, profile 3 steps and print GPU time by kind of kernel
+parallelism = "ddp"  # 'ddp' | 'fsdp' (FSDP2 as train.py; under torchrun, where one process is enough)
 # the config files set training keys bench ignores
-(out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters,
- eval_interval, eval_windows, log_interval, compile, grad_accum_steps, parallelism) = (None,) * 15
+(out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters, lr_mult,
+ cooldown_iters, eval_interval, eval_windows, log_interval, compile, grad_accum_steps) = (None,) * 16
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
@@ -51,6 +57,9 @@ if ddp:
     dist.init_process_group("nccl")
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+fsdp = ddp and parallelism == "fsdp"
+if parallelism == "fsdp" and not ddp:
+    print("parallelism='fsdp' shards over torchrun's ranks; this single process runs unsharded")
 device = torch.device("cuda", torch.cuda.current_device())
 torch.backends.cuda.matmul.allow_tf32 = True
 final = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
@@ -74,7 +83,7 @@ def build(variant):
 
 def train_step(runner, optimizer, x):
     for micro in range(micro_steps):
-        with runner.no_sync() if ddp and micro < micro_steps - 1 else nullcontext():  # sync the last only
+        with runner.no_sync() if ddp and not fsdp and micro < micro_steps - 1 else nullcontext():  # sync the last only
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 _, loss = runner(x, x)
             loss.backward()
@@ -105,8 +114,10 @@ def bench(variant, compiled):
     model = build(variant).to(device)
     if compiled:
         model.compile_parts()
+    if fsdp:
+        model.shard(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=True)
-    runner = DDP(model, device_ids=[device.index]) if ddp else model
+    runner = DDP(model, device_ids=[device.index]) if ddp and not fsdp else model
     x = torch.randint(0, vocab_size, (batch_size, block_size), device=device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch._dynamo.utils.counters.clear()
@@ -141,8 +152,9 @@ for variant in variants.split(","):
                   f"graphs {r['compiled_frames']}  peak {r['peak_mem_gb']:.1f} GiB", flush=True)
         torch.cuda.reset_peak_memory_stats()
 if rank == 0:
-    print(f"{torch.cuda.get_device_name()}, {world} GPU(s), {micro_steps} x batch {batch_size}x{block_size} per step, "
-          f"MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}), causal attention FLOPs")
+    print(f"{torch.cuda.get_device_name()}, {world} GPU(s){' under FSDP2' if fsdp else ''}, {micro_steps} x batch "
+          f"{batch_size}x{block_size} per step, MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}), "
+          "causal attention FLOPs")
     if out_json:
         with open(out_json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), config=str(final), results=results), f, indent=1)

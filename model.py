@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
@@ -297,6 +298,15 @@ class GPT(nn.Module):
         # graphs: (block structures, one per generation) x (train, eval, a short last eval batch); the
         # limit's old name, an alias of recompile_limit since torch 2.7, works on every torch we support
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+    def shard(self, param_dtype):
+        """FSDP2 over the ranks of the process group, in place: parameters become DTensors, names unchanged. Blocks
+        gather param_dtype weights but leave their input alone, and the root (embedding, lm_head) stays fp32, so the
+        residual stream is fp32 as under DDP with autocast."""
+        for block in self.layers:
+            fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                                              cast_forward_inputs=False))
+        fully_shard(self, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
 
     def new_kv_cache(self, batch_size, max_len):
         """Per layer, preallocated keys and values: (B, n_head, max_len, head_dim) each."""
