@@ -75,8 +75,8 @@ def test_no_weight_sized_copy_is_saved_for_backward_under_fsdp():
     r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     saved = json.loads(r.stdout.splitlines()[-1])
-    assert all(s["params"] > 0 for s in saved.values()), saved  # the hook sees what the linears save
     assert {name: s["copies"] for name, s in saved.items()} == {"fresh": [], "grown": [], "grown, compiled": []}
+    assert all(s["params"] > 0 for s in saved.values()), saved  # the hook sees what the linears save
 
 
 def weight_shapes(model):
