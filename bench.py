@@ -22,6 +22,12 @@ token, `dynamic` is GPT.generate's KV cache (the attended prefix grows, so every
 
     python bench.py config/stage3.py --sample=True
     python bench.py config/stage1.py --sample=True --sample_modes=none,dynamic,static  # on the CPU, not compiled
+
+    torchrun --standalone --nproc_per_node=1 bench.py config/stage6.py --variants=fresh,grown \
+        --compile_modes=compiled --batch_size=1 --warmup_steps=2 --timed_steps=3  # FSDP2 peak memory
+
+A config's parallelism='fsdp' (stages 5-7) shards as train.py does (FSDP2, bf16 blocks, fp32 root), over
+torchrun's ranks; on one rank nothing is sharded, and the peak is the whole model's.
 """
 
 import copy
@@ -59,10 +65,10 @@ sample = False  # time generation instead (batch 1; CPU too)
 sample_modes = "none,dynamic,static,compiled"
 prompt_tokens = 16
 max_new_tokens = 0  # per timed generation; 0: 256 on CUDA, 32 on the CPU
+parallelism = "ddp"  # 'ddp' | 'fsdp' (FSDP2 as train.py; under torchrun, where one process is enough)
 # the config files set training keys bench ignores
-(out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters,
- eval_interval, eval_windows, log_interval, compile, grad_accum_steps, parallelism, lr_mult,
- cooldown_iters) = (None,) * 17
+(out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters, lr_mult,
+ cooldown_iters, eval_interval, eval_windows, log_interval, compile, grad_accum_steps) = (None,) * 16
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 final = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
@@ -116,6 +122,9 @@ if ddp:
     dist.init_process_group("nccl")
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+fsdp = ddp and parallelism == "fsdp"
+if parallelism == "fsdp" and not ddp:
+    print("parallelism='fsdp' shards over torchrun's ranks; this single process runs unsharded")
 device = torch.device("cuda", torch.cuda.current_device())
 try:
     runs = {spec: fused_kernel_names(spec) for spec in fused_kernels.split(",")}
@@ -142,7 +151,7 @@ def build(variant):
 
 def train_step(runner, optimizer, x):
     for micro in range(micro_steps):
-        with runner.no_sync() if ddp and micro < micro_steps - 1 else nullcontext():  # sync the last only
+        with runner.no_sync() if ddp and not fsdp and micro < micro_steps - 1 else nullcontext():  # sync the last only
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 _, loss = runner(x, x)
             loss.backward()
@@ -228,8 +237,10 @@ def bench(variant, compiled, spec):
     if fused:
         check_fused(model, reference, spec, x)
         del reference
+    if fsdp:
+        model.shard(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=True)
-    runner = DDP(model, device_ids=[device.index]) if ddp else model
+    runner = DDP(model, device_ids=[device.index]) if ddp and not fsdp else model
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the check's
     for step in range(warmup_steps + timed_steps):
@@ -265,8 +276,9 @@ for variant in variants.split(","):
                       f"MFU {100 * r['mfu']:5.1f}%  graphs {r['compiled_frames']} breaks {r['graph_breaks']}  "
                       f"peak {r['peak_mem_gb']:.1f} GiB", flush=True)
 if rank == 0:
-    print(f"{torch.cuda.get_device_name()}, {world} GPU(s), {micro_steps} micro-steps of {block_size} tokens per row "
-          f"per step, MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}), causal attention FLOPs")
+    print(f"{torch.cuda.get_device_name()}, {world} GPU(s){' under FSDP2' if fsdp else ''}, {micro_steps} "
+          f"micro-steps of {block_size} tokens per row per step, MFU against {peak_flops / 1e12:.0f} TFLOP/s "
+          f"({peak_flops_name}), causal attention FLOPs")
     if out_json:
         with open(out_json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), config=str(final), results=results), f, indent=1)

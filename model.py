@@ -10,7 +10,10 @@ one nn.Parameter per *generation block*: the rectangle it was born with, then fo
 growth the strip of new input columns (`g<k>_cols`) and the strip of new output rows
 (`g<k>_rows`). The forward assembles the full weight (a no-op when there is one block), so
 every block is an ordinary parameter: its own optimizer param group, its own Adam step
-count, and nothing to change for DDP/FSDP.
+count, and nothing to change for DDP/FSDP. A linear layer (`linear`, also q/k/v and gate/up
+stacked into one GEMM) assembles it inside its op, in the forward and again in the backward, and
+keeps only the input and the blocks: under FSDP a saved weight would stay whole from forward to
+backward in every layer.
 
 Doubling head_dim interleaves new dims with old ones inside every head (grow.py), while the
 blocks keep their storage order (old rows, then appended strips). A grown wq/wk/wv then holds
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
@@ -57,6 +61,108 @@ def assemble(blocks):
     return full
 
 
+def parts_shape(names, tensors):
+    """The shape of the weight (or gain) that a Growable's parts() assemble into."""
+    blocks = [(n, t) for n, t in zip(names, tensors) if n not in Growable.PERMS]
+    rows = sum(t.shape[0] for n, t in blocks if not n.endswith("_cols"))
+    if blocks[0][1].dim() == 1:
+        return torch.Size([rows])
+    cols = sum(t.shape[1] for n, t in blocks if not n.endswith("_rows"))
+    return torch.Size([rows, cols])
+
+
+def weight_from_parts(names, tensors):
+    """A Growable's weight from its parts(): the blocks assembled, then permuted (weight = assembled[row_perm])."""
+    parts = dict(zip(names, tensors))
+    w = assemble((n, t) for n, t in parts.items() if n not in Growable.PERMS)
+    for dim, perm in enumerate(Growable.PERMS):
+        if perm in parts:
+            w = w.index_select(dim, parts[perm])
+    return w
+
+
+def grads_from_parts(names, tensors, grad):
+    """The inverse of weight_from_parts for a gradient: grad (out, in) of the weight split into one per block
+    (views), None for the permutations."""
+    parts = dict(zip(names, tensors))
+    for dim, perm in enumerate(Growable.PERMS):
+        if perm in parts:  # weight[i] = assembled[perm[i]], so assembled[j] = weight[argsort(perm)[j]]
+            grad = grad.index_select(dim, parts[perm].argsort())
+    grads = {}
+    for name in reversed([n for n in names if n not in Growable.PERMS][1:]):  # peel the strips off, last first
+        if name.endswith("_cols"):
+            grads[name], grad = grad[:, -parts[name].shape[1]:], grad[:, :-parts[name].shape[1]]
+        else:
+            grads[name], grad = grad[-parts[name].shape[0]:], grad[:-parts[name].shape[0]]
+    grads[names[0]] = grad
+    return [grads.get(n) for n in names]
+
+
+def growables(layout, parts):
+    """(names, tensors) of each Growable in weight_matmul's layout ('g0,g1_cols,row_perm;g0': the names of each one's
+    parts, ';' between them) and flat list of parts."""
+    out, start = [], 0
+    for names in layout.split(";"):
+        names = tuple(names.split(","))
+        out.append((names, parts[start:start + len(names)]))
+        start += len(names)
+    return out
+
+
+def stacked_weight(layout, parts):
+    """The Growables' weights stacked by rows: (sum of out, in)."""
+    weights = [weight_from_parts(names, tensors) for names, tensors in growables(layout, parts)]
+    return weights[0] if len(weights) == 1 else torch.cat(weights)  # a cat of one tensor would copy it
+
+
+def weight_matmul_impl(a: torch.Tensor, parts: list[torch.Tensor], layout: str, transposed: bool) -> torch.Tensor:
+    """a @ W.T (transposed: a linear layer) or a @ W (its input gradient), in a's dtype, W = stacked_weight."""
+    w = stacked_weight(layout, parts).to(a.dtype)
+    return F.linear(a, w) if transposed else a @ w
+
+
+# an op torch.compile cannot see into, so W exists only while it runs: a graph that assembled W itself would save
+# it for the backward (the partitioner does not recompute a cat, and merges the backward's with the forward's)
+weight_matmul_op = torch.library.custom_op("growing_llama::weight_matmul", weight_matmul_impl, mutates_args=())
+weight_matmul_op.register_fake(weight_matmul_impl)  # on fake tensors it gives the output's shape and dtype
+
+
+def weight_matmul(a, parts, layout, transposed):
+    # eager runs the op's body: its dispatch would cost more than the body at small sizes
+    op = weight_matmul_op if torch.compiler.is_compiling() else weight_matmul_impl
+    return op(a, list(parts), layout, transposed)
+
+
+class GrowableLinear(torch.autograd.Function):
+    """x @ W.T for W the Growables' weights stacked by rows, saving only x and the parts (parameters, which FSDP
+    gathers again for the backward anyway): W is assembled in the forward and again in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, layout, *parts):
+        ctx.layout = layout
+        ctx.save_for_backward(x, *parts)
+        return weight_matmul(x, parts, layout, True)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (..., out)
+        x, *parts = ctx.saved_tensors
+        grad_w = grad.flatten(0, -2).t() @ x.flatten(0, -2)  # (out, in), like W
+        weights = growables(ctx.layout, parts)
+        rows = grad_w.split_with_sizes([parts_shape(names, tensors)[0] for names, tensors in weights])
+        grads = [g for (names, tensors), gw in zip(weights, rows) for g in grads_from_parts(names, tensors, gw)]
+        return (weight_matmul(grad, parts, ctx.layout, False), None,
+                *(g if g is None else g.to(p.dtype) for g, p in zip(grads, parts)))
+
+
+def linear(x, *weights):
+    """x @ W.T for the Growables' weights W stacked by rows (one GEMM for q, k, v), in autocast's dtype when it is
+    on, as F.linear; nothing weight-sized is kept for the backward but the parameters (GrowableLinear)."""
+    names, parts = zip(*(g.parts() for g in weights))
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    return GrowableLinear.apply(x, ";".join(",".join(n) for n in names), *(t for p in parts for t in p))
+
+
 class Growable(nn.Module):
     """A weight of shape (out, in) or (n,) stored as generation blocks, with an optional fixed
     permutation of its rows or columns: logical index i is assembled index perm[i]."""
@@ -71,21 +177,16 @@ class Growable(nn.Module):
 
     @property
     def weight(self):
-        w = assemble(self._parameters.items())
-        if self.row_perm is not None:
-            w = w.index_select(0, self.row_perm)
-        if self.col_perm is not None:
-            w = w.index_select(1, self.col_perm)
-        return w
+        return weight_from_parts(*self.parts())
+
+    def parts(self):
+        """(names, tensors): the blocks in growth order, then the permutations this weight has."""
+        parts = {**self._parameters, **{k: v for k, v in self._buffers.items() if v is not None}}  # buffers: PERMS
+        return tuple(parts), list(parts.values())
 
     @property
     def shape(self):
-        blocks = list(self._parameters.items())
-        rows = sum(b.shape[0] for n, b in blocks if not n.endswith("_cols"))
-        if blocks[0][1].dim() == 1:
-            return torch.Size([rows])
-        cols = sum(b.shape[1] for n, b in blocks if not n.endswith("_rows"))
-        return torch.Size([rows, cols])
+        return parts_shape(*self.parts())
 
     def add_block(self, name, tensor):
         self.register_parameter(name, nn.Parameter(tensor))
@@ -249,7 +350,7 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         B, T, _ = x.shape
         # one GEMM for q, k and v: copying the weights together costs less than the two GEMMs it saves
-        qkv = F.linear(x, torch.cat([self.wq.weight, self.wk.weight, self.wv.weight]))
+        qkv = linear(x, self.wq, self.wk, self.wv)
         q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
         if "rope" in self.fused:  # one kernel rotates both; cos and sin cover half a head, rotary_dim says so
             q, k = LIGER["rope"].apply(q, k, cos, sin, None, 1, self.head_dim)
@@ -270,7 +371,7 @@ class Attention(nn.Module):
         # one query sees every key: no mask (a mask costs milliseconds per call in CPU attention)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and (cache is None or T > 1),
                                            dropout_p=self.dropout if self.training else 0.0)
-        return F.linear(y.transpose(1, 2).reshape(B, T, -1), self.wo.weight)
+        return linear(y.transpose(1, 2).reshape(B, T, -1), self.wo)
 
 
 class FeedForward(nn.Module):
@@ -284,13 +385,13 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        gate_up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight]))  # one GEMM, as qkv
+        gate_up = linear(x, self.w1, self.w3)  # one GEMM, as qkv
         if "swiglu" in self.fused:  # reads gate and up where the GEMM wrote them; its backward wants 2-D rows
             hidden = LIGER["swiglu"].apply(gate_up.flatten(0, -2)).view(*gate_up.shape[:-1], -1)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = F.silu(gate) * up
-        return self.dropout(F.linear(hidden, self.w2.weight))
+        return self.dropout(linear(hidden, self.w2))
 
 
 class Block(nn.Module):
@@ -362,7 +463,7 @@ class GPT(nn.Module):
         x = rms_norm(x, self.norm.weight, self.config.norm_eps, "rms_norm" in self.fused)
         if targets is not None and "linear_cross_entropy" in self.fused:  # no logits: they are never held whole
             return None, fused_linear_cross_entropy(x, self.lm_head.weight, targets)
-        logits = F.linear(x, self.lm_head.weight)
+        logits = linear(x, self.lm_head)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
@@ -376,16 +477,26 @@ class GPT(nn.Module):
             if isinstance(m, (GPT, Block, Attention, FeedForward)):
                 m.fused = frozenset(names)
 
-    def compile_parts(self):
+    def compile_parts(self, backend="inductor"):
         """torch.compile every block and the head, not the whole model: growth changes the depth, and
         blocks of one structure share a graph. Static shapes: a grown model is one fixed shape per process,
         and dynamic-shape kernels are slower. Call it once, after growing."""
         for block in self.layers:
-            block.compile(dynamic=False)
-        self.head_fn = torch.compile(GPT.head, dynamic=False)  # unbound: a copy of the model uses its own weights
+            block.compile(dynamic=False, backend=backend)
+        # unbound: a copy of the model uses its own weights
+        self.head_fn = torch.compile(GPT.head, dynamic=False, backend=backend)
         # graphs: (block structures, one per generation) x (train, eval, a short last eval batch); the
         # limit's old name, an alias of recompile_limit since torch 2.7, works on every torch we support
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+
+    def shard(self, param_dtype):
+        """FSDP2 over the ranks of the process group, in place: parameters become DTensors, names unchanged. Blocks
+        gather param_dtype weights but leave their input alone, and the root (embedding, lm_head) stays fp32, so the
+        residual stream is fp32 as under DDP with autocast."""
+        for block in self.layers:
+            fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                                              cast_forward_inputs=False))
+        fully_shard(self, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
 
     def new_kv_cache(self, batch_size, max_len):
         """Per layer, preallocated keys and values: (B, n_head, max_len, head_dim) each."""

@@ -8,6 +8,8 @@ The invariants of growth (GROWTH.md sections 1-2), on the CPU, in float64, on ti
     trainable    two AdamW steps move every row and every column of every new block
     Adam state   old blocks keep theirs bit for bit, keyed by name; new blocks start at step 0
     condense     merging generations keeps the logits and glues the Adam moments like the weights
+    linear       the linear op over a grown weight's blocks (and several weights, as q/k/v) has plain
+                 autograd's values and gradients, and F.linear's under autocast
     compile      torch.compile(fullgraph=True) gives the eager logits, grown or not
     errors       every bad request is a clear one-line error, and the CLI writes nothing
 
@@ -26,7 +28,7 @@ import torch
 
 import grow
 from grow import GrowError, condense, grow_model
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, Growable, block_generation, load_checkpoint, \
+from model import CHECKPOINT_FORMAT, GPT, GPTConfig, Growable, block_generation, linear, load_checkpoint, \
     model_from_checkpoint, save_checkpoint
 from prepare import load_tokenizer
 from test_prepare import small_rank_table
@@ -427,6 +429,54 @@ def test_condense_keeps_logits_and_glues_adam_moments(upto):
         weights = [m for m in model.modules() if isinstance(m, Growable)]
         assert all([n for n, _ in m.named_parameters()] == ["g2"] for m in weights)
     train(model, adamw(model, state), 1, upto)  # the merged state loads and steps
+
+
+# -----------------------------------------------------------------------------
+# linear layers: one op assembles the blocks in the forward and again in the backward
+
+
+def three_generation_weight(seed):
+    """A float64 (6, 5) Growable of three generations (base, columns and rows twice) with both permutations."""
+    torch.manual_seed(seed)
+    g = Growable(3, 2).double()
+    torch.nn.init.normal_(g.g0)
+    g.grow((4, 3), 1, rows=torch.nn.init.normal_, cols=torch.nn.init.normal_)
+    g.place(0, torch.tensor([1, 3, 0]))  # the new row goes to place 2
+    g.grow((6, 5), 2, rows=torch.nn.init.normal_, cols=torch.nn.init.normal_)
+    g.place(1, torch.tensor([4, 0, 2]))  # the new columns go to places 1 and 3
+    assert [n for n, _ in g.named_parameters()] == ["g0", "g1_cols", "g1_rows", "g2_cols", "g2_rows"]
+    assert g.row_perm is not None and g.col_perm is not None
+    return g
+
+
+def test_linear_gradients_are_plain_autograds():
+    plain = Growable(4, 5).double()  # stacked with grown ones, as wq, wk, wv
+    torch.nn.init.normal_(plain.g0)
+    for weights in [(three_generation_weight(0),), (three_generation_weight(1), plain, three_generation_weight(2))]:
+        x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+        blocks = [p for g in weights for p in g.parameters()]
+        assert torch.autograd.gradcheck(lambda x, *_: linear(x, *weights), (x, *blocks))
+        y = linear(x, *weights)
+        expected = torch.nn.functional.linear(x, torch.cat([g.weight for g in weights]))
+        assert torch.equal(y, expected)
+        probe = torch.randn_like(y)
+        grads = torch.autograd.grad((y * probe).sum(), (x, *blocks))
+        for got, want in zip(grads, torch.autograd.grad((expected * probe).sum(), (x, *blocks))):
+            assert_round_off(got, want, "gradients")
+
+
+def test_linear_under_autocast_is_f_linear():
+    """bfloat16 products of the float32 input and blocks, float32 gradients: what autocast makes of F.linear."""
+    weights = [three_generation_weight(seed).float() for seed in (3, 4)]
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    blocks = [p for g in weights for p in g.parameters()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(x, *weights)
+        expected = torch.nn.functional.linear(x, torch.cat([g.weight for g in weights]))
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    grads = torch.autograd.grad(y.float().sum(), (x, *blocks))
+    for got, want in zip(grads, torch.autograd.grad(expected.float().sum(), (x, *blocks))):
+        assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
 
 
 # -----------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -468,13 +467,8 @@ model.checkpoint_blocks = activation_checkpointing
 fsdp = ddp and parallelism == "fsdp"
 if parallelism == "fsdp" and not ddp:
     log("parallelism='fsdp' shards over torchrun's ranks; this single process runs unsharded")
-if fsdp:  # in place: parameters become DTensors sharded over the ranks, names unchanged
-    # blocks gather bf16 weights but leave their input alone, and the root (embedding, lm_head) stays
-    # fp32, so the residual stream is fp32 as under DDP with autocast
-    for block in model.layers:
-        fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=ptdtype, reduce_dtype=torch.float32,
-                                                          cast_forward_inputs=False))
-    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+if fsdp:
+    model.shard(ptdtype)
 optimizer = torch.optim.AdamW(model.param_groups(weight_decay), lr=learning_rate, betas=(beta1, beta2),
                               fused=device_type == "cuda")
 params = dict(raw_model.named_parameters())
