@@ -160,7 +160,10 @@ def linear(x, *weights):
     names, parts = zip(*(g.parts() for g in weights))
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    return GrowableLinear.apply(x, ";".join(",".join(n) for n in names), *(t for p in parts for t in p))
+    layout, flat = ";".join(",".join(n) for n in names), [t for p in parts for t in p]
+    if not torch.is_grad_enabled():  # nothing to save (sampling, eval); dynamo cannot trace the Function here
+        return weight_matmul(x, flat, layout, True)
+    return GrowableLinear.apply(x, layout, *flat)
 
 
 class Growable(nn.Module):
