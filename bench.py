@@ -24,7 +24,7 @@ token, `dynamic` is GPT.generate's KV cache (the attended prefix grows, so every
     python bench.py config/stage1.py --sample=True --sample_modes=none,dynamic,static  # on the CPU, not compiled
 
     torchrun --standalone --nproc_per_node=1 bench.py config/stage6.py --variants=fresh,grown \
-        --compile_modes=compiled --batch_size=1 --warmup_steps=2 --timed_steps=3  # FSDP2 peak memory
+        --compile_modes=eager --batch_size=1 --warmup_steps=2 --timed_steps=3  # FSDP2 peak memory
 
 A config's parallelism='fsdp' (stages 5-7) shards as train.py does (FSDP2, bf16 blocks, fp32 root), over
 torchrun's ranks; on one rank nothing is sharded, and the peak is the whole model's.
@@ -151,6 +151,8 @@ def build(variant):
 
 def train_step(runner, optimizer, x):
     for micro in range(micro_steps):
+        if fsdp:  # reduce-scatter on the last micro-step only, as train.py
+            runner.set_requires_gradient_sync(micro == micro_steps - 1)
         with runner.no_sync() if ddp and not fsdp and micro < micro_steps - 1 else nullcontext():  # sync the last only
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 _, loss = runner(x, x)
@@ -233,10 +235,10 @@ def bench(variant, compiled, spec):
         model.compile_parts()
     batch = fused_batch_size if fused and fused_batch_size else batch_size
     x = torch.randint(0, vocab_size, (batch, block_size), device=device)
-    torch._dynamo.utils.counters.clear()
     if fused:
         check_fused(model, reference, spec, x)
         del reference
+    torch._dynamo.utils.counters.clear()  # the timed run's graphs, not the check's
     if fsdp:
         model.shard(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=True)

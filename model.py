@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn import functional as F
 
 # -----------------------------------------------------------------------------
@@ -146,12 +145,14 @@ class GrowableLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad: (..., out)
         x, *parts = ctx.saved_tensors
+        grad_x = weight_matmul(grad, parts, ctx.layout, False) if ctx.needs_input_grad[0] else None
+        if not any(ctx.needs_input_grad[2:]):  # frozen weights: no weight GEMM
+            return grad_x, None, *(None for _ in parts)
         grad_w = grad.flatten(0, -2).t() @ x.flatten(0, -2)  # (out, in), like W
         weights = growables(ctx.layout, parts)
         rows = grad_w.split_with_sizes([parts_shape(names, tensors)[0] for names, tensors in weights])
         grads = [g for (names, tensors), gw in zip(weights, rows) for g in grads_from_parts(names, tensors, gw)]
-        return (weight_matmul(grad, parts, ctx.layout, False), None,
-                *(g if g is None else g.to(p.dtype) for g, p in zip(grads, parts)))
+        return grad_x, None, *(g if g is None else g.to(p.dtype) for g, p in zip(grads, parts))
 
 
 def linear(x, *weights):
@@ -371,7 +372,7 @@ class Attention(nn.Module):
             k, v = cache_k[:, :, :start_pos + T], cache_v[:, :, :start_pos + T]
             if start_pos > 0 and T > 1:  # query i sits at start_pos + i; is_causal would align it to key i
                 mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-        # one query sees every key: no mask (a mask costs milliseconds per call in CPU attention)
+        # GPT.generate's one query sees every key: no mask (a mask costs milliseconds per call in CPU attention)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and (cache is None or T > 1),
                                            dropout_p=self.dropout if self.training else 0.0)
         return linear(y.transpose(1, 2).reshape(B, T, -1), self.wo)
@@ -496,6 +497,7 @@ class GPT(nn.Module):
         """FSDP2 over the ranks of the process group, in place: parameters become DTensors, names unchanged. Blocks
         gather param_dtype weights but leave their input alone, and the root (embedding, lm_head) stays fp32, so the
         residual stream is fp32 as under DDP with autocast."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # here: sampling needs no distributed
         for block in self.layers:
             fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
                                                               cast_forward_inputs=False))
