@@ -116,7 +116,8 @@ def stacked_weight(layout, parts):
 
 def weight_matmul_impl(a: torch.Tensor, parts: list[torch.Tensor], layout: str, transposed: bool) -> torch.Tensor:
     """a @ W.T (transposed: a linear layer) or a @ W (its input gradient), in a's dtype, W = stacked_weight."""
-    w = stacked_weight(layout, parts).to(a.dtype)
+    # each block cast before they are joined: one weight-sized copy in a's dtype, not a float32 one and its cast
+    w = stacked_weight(layout, [p.to(a.dtype) if p.is_floating_point() else p for p in parts])
     return F.linear(a, w) if transposed else a @ w
 
 
