@@ -18,7 +18,9 @@ plus attention with the causal discount (only the lower triangle of the scores i
 With --sample=True it times generation instead, at batch 1 on a random model of the config's shape (bf16 on
 CUDA, float32 on the CPU, where it runs too), by decoder: `none` runs the whole sequence again for every
 token, `dynamic` is GPT.generate's KV cache (the attended prefix grows, so every token has new shapes),
-`static` StaticDecoder eager, `compiled` StaticDecoder with one CUDA graph per token.
+`static` StaticDecoder eager, `compiled` StaticDecoder with one CUDA graph per token; each with the weights
+as sample.py holds them (`joined`: q, k, v and gate, up in one storage each, GPT.join_stacked_weights) and, for
+comparison, `copied` (copied together at every token, as before).
 
     python bench.py config/stage3.py --sample=True
     python bench.py config/stage1.py --sample=True --sample_modes=none,dynamic,static  # on the CPU, not compiled
@@ -63,6 +65,7 @@ fused_kernels = "none"  # comma-separated runs, each 'none', 'all' or ops of mod
 fused_batch_size = 0  # the fused runs' micro-batch (0: batch_size): the fused cross-entropy holds no logits
 sample = False  # time generation instead (batch 1; CPU too)
 sample_modes = "none,dynamic,static,compiled"
+sample_weights = "joined,copied"
 prompt_tokens = 16
 max_new_tokens = 0  # per timed generation; 0: 256 on CUDA, 32 on the CPU
 parallelism = "ddp"  # 'ddp' | 'fsdp' (FSDP2 as train.py; under torchrun, where one process is enough)
@@ -94,12 +97,16 @@ def bench_sampling():
     device, dtype = ("cuda", torch.bfloat16) if on_cuda else ("cpu", torch.float32)
     n_new = max_new_tokens or (256 if on_cuda else 32)
     sync = torch.cuda.synchronize if on_cuda else lambda: None
+    if not set(sample_weights.split(",")) <= {"joined", "copied"}:
+        raise SystemExit(f"bench.py: --sample_weights={sample_weights}: pick from joined,copied")
     torch.manual_seed(0)
-    model = GPT(final).to(device, dtype).eval()
+    models = {"copied": GPT(final).to(device, dtype).eval()}
+    models["joined"] = copy.deepcopy(models["copied"]).join_stacked_weights()
     prompt = torch.randint(0, vocab_size, (1, prompt_tokens), device=device)
     print(f"sampling {final}: batch 1, {prompt_tokens} prompt + {n_new} new tokens, "
           f"{torch.cuda.get_device_name() if on_cuda else 'cpu'}, {str(dtype)[6:]}", flush=True)
-    for mode in modes:
+    for mode, weights in ((m, w) for m in modes for w in sample_weights.split(",")):
+        model = models[weights]
         if mode in ("none", "dynamic"):
             generate = functools.partial(model.generate, use_cache=mode == "dynamic")
         else:
@@ -108,7 +115,7 @@ def bench_sampling():
         generate(prompt, n_new, 0.8, 200)
         dt = min(seconds(lambda: generate(prompt, n_new, 0.8, 200), sync) for _ in range(3))
         skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # 0 unless CUDA graphs fell back
-        print(f"{mode:8s} {n_new / dt:8.1f} tokens/s  {1e3 * dt / n_new:7.2f} ms/token"
+        print(f"{mode:8s} {weights:6s} {n_new / dt:8.1f} tokens/s  {1e3 * dt / n_new:7.2f} ms/token"
               + (f"  CUDA graph skips {skips}" if mode == "compiled" and on_cuda else ""), flush=True)
 
 

@@ -109,9 +109,19 @@ def growables(layout, parts):
 
 
 def stacked_weight(layout, parts):
-    """The Growables' weights stacked by rows: (sum of out, in)."""
+    """The Growables' weights stacked by rows: (sum of out, in); a view when they already lie one after the other
+    in one storage (GPT.join_stacked_weights), a copy otherwise."""
     weights = [weight_from_parts(names, tensors) for names, tensors in growables(layout, parts)]
-    return weights[0] if len(weights) == 1 else torch.cat(weights)  # a cat of one tensor would copy it
+    first = weights[0]
+    if len(weights) == 1:  # a cat of one tensor would copy it
+        return first
+    rows, offset = 0, first.storage_offset()
+    for w in weights:
+        if not (w.is_contiguous() and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                and w.storage_offset() == offset + rows * first.shape[1]):
+            return torch.cat(weights)
+        rows += w.shape[0]
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
 
 
 def weight_matmul_impl(a: torch.Tensor, parts: list[torch.Tensor], layout: str, transposed: bool) -> torch.Tensor:
@@ -124,7 +134,13 @@ def weight_matmul_impl(a: torch.Tensor, parts: list[torch.Tensor], layout: str, 
 # an op torch.compile cannot see into, so W exists only while it runs: a graph that assembled W itself would save
 # it for the backward (the partitioner does not recompute a cat, and merges the backward's with the forward's)
 weight_matmul_op = torch.library.custom_op("growing_llama::weight_matmul", weight_matmul_impl, mutates_args=())
-weight_matmul_op.register_fake(weight_matmul_impl)  # on fake tensors it gives the output's shape and dtype
+
+
+@weight_matmul_op.register_fake
+def weight_matmul_shape(a, parts, layout, transposed):
+    """The output's shape and dtype, for torch.compile's tracing (fake tensors have no storage to compare)."""
+    shapes = [parts_shape(*g) for g in growables(layout, parts)]  # (out, in) each, one in
+    return a.new_empty(*a.shape[:-1], sum(s[0] for s in shapes) if transposed else shapes[0][1])
 
 
 def weight_matmul(a, parts, layout, transposed):
@@ -503,6 +519,21 @@ class GPT(nn.Module):
             fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
                                                               cast_forward_inputs=False))
         fully_shard(self, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+
+    @torch.no_grad()
+    def join_stacked_weights(self):
+        """For sampling, after condense and .to() (which would part them again): move each layer's q, k, v rows,
+        and its gate, up rows, into one storage, so the GEMM that stacks them reads them where they lie instead of
+        copying them together for every token (stacked_weight). Values, names and state dict stay the same."""
+        for layer in self.layers:
+            for stack in ((layer.attn.wq, layer.attn.wk, layer.attn.wv), (layer.ffn.w1, layer.ffn.w3)):
+                blocks = [next(iter(g._parameters.values())) for g in stack]
+                if any(len(g._parameters) > 1 or g.row_perm is not None or g.col_perm is not None for g in stack):
+                    raise ValueError("join_stacked_weights needs one block per weight: condense the model first")
+                joined = torch.cat(blocks)
+                for p, rows in zip(blocks, joined.split([len(p) for p in blocks])):
+                    p.data = rows
+        return self
 
     def new_kv_cache(self, batch_size, max_len):
         """Per layer, preallocated keys and values: (B, n_head, max_len, head_dim) each."""

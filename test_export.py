@@ -1,4 +1,5 @@
 """Tests for the KV cache, sample.py and export.py, on a three-generation grown tiny model."""
+import copy
 import json
 import os
 import subprocess
@@ -11,9 +12,9 @@ import torch
 import export
 import prepare
 import sample
-from grow import grow_model
+from grow import condense, grow_model
 from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, StaticDecoder, load_checkpoint, model_from_checkpoint,
-                   save_checkpoint)
+                   save_checkpoint, stacked_weight)
 from prepare import LLAMA2_PATH as LLAMA2, load_tokenizer
 
 TIER = 1024
@@ -113,6 +114,23 @@ def test_decode_step_compiles_to_one_graph(model, temperature, top_k):
     assert torch.equal(*outputs)
 
 
+def test_joined_weights_are_read_in_place_and_keep_the_logits(model):
+    """sample.py's model: condensed, then q, k, v (gate, up) moved into one storage each, which the stacked GEMM
+    reads as a view instead of copying them together for every token."""
+    joined = condense(copy.deepcopy(model), 2)[0]
+    idx = torch.randint(0, TIER, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = joined(idx)[0]
+        joined.join_stacked_weights()
+        assert torch.equal(joined(idx)[0], before)
+    for stack in ((layer.attn.wq, layer.attn.wk, layer.attn.wv) for layer in joined.layers):
+        names, parts = zip(*(g.parts() for g in stack))
+        w = stacked_weight(";".join(",".join(n) for n in names), [t for p in parts for t in p])
+        assert w.data_ptr() == stack[0].g2.data_ptr() and torch.equal(w, torch.cat([g.weight for g in stack]))
+    with pytest.raises(ValueError, match="condense the model first"):
+        copy.deepcopy(model).join_stacked_weights()
+
+
 def test_cache_in_chunks_equals_full_forward(model):
     """Several tokens at start_pos > 0 is the case where is_causal alone would be wrong."""
     idx = torch.randint(0, TIER, (2, 40), generator=torch.Generator().manual_seed(3))
@@ -129,8 +147,9 @@ def test_bench_samples_on_the_cpu():
     out = subprocess.run([sys.executable, "bench.py", "config/stage3.py", "--sample=True", "--max_new_tokens=4",
                           "--sample_modes=none,dynamic,static", *shrink], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout
-    assert [line.split()[0] for line in out.splitlines()[1:]] == ["none", "dynamic", "static"]
-    assert out.count(" tokens/s ") == 3 and "16 prompt + 4 new tokens, cpu, float32" in out
+    assert [line.split()[:2] for line in out.splitlines()[1:]] == [
+        [mode, weights] for mode in ("none", "dynamic", "static") for weights in ("joined", "copied")]
+    assert out.count(" tokens/s ") == 6 and "16 prompt + 4 new tokens, cpu, float32" in out
 
 
 def test_sample_cli(ckpt_path, capsys):

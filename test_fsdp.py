@@ -29,13 +29,18 @@ def data(tmp_path_factory):
     return out
 
 
+def workers_stderr(r):
+    """What the ranks printed, without torchrun's report of their failure (which would push it out of view)."""
+    return r.stderr.split("torch/distributed/elastic/multiprocessing/api.py")[0][-3000:]
+
+
 def train(out_dir, data_dir, *args, ranks=1, config="config/tiny_stage1.py"):
     launcher = [sys.executable] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     cmd = launcher + ["train.py", config, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *TINY, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, workers_stderr(r)
     return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
@@ -73,7 +78,7 @@ def test_no_weight_sized_copy_is_saved_for_backward_under_fsdp():
     would stay alive, whole, per layer: every saved tensor of a weight's shape must be a gathered parameter."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
     r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, workers_stderr(r)
     saved = json.loads(r.stdout.splitlines()[-1])
     assert {name: s["copies"] for name, s in saved.items()} == {"fresh": [], "grown": [], "grown, compiled": []}
     assert all(s["params"] > 0 for s in saved.values()), saved  # the hook sees what the linears save
