@@ -108,26 +108,58 @@ def growables(layout, parts):
     return out
 
 
-def stacked_weight(layout, parts):
-    """The Growables' weights stacked by rows: (sum of out, in); a view when they already lie one after the other
-    in one storage (GPT.join_stacked_weights), a copy otherwise."""
-    weights = [weight_from_parts(names, tensors) for names, tensors in growables(layout, parts)]
-    first = weights[0]
-    if len(weights) == 1:  # a cat of one tensor would copy it
-        return first
-    rows, offset = 0, first.storage_offset()
+def place_blocks(out, names, tensors):
+    """Copy a Growable's blocks (no permutation) into out, the weight's place, casting to out's dtype on the way."""
+    rows = cols = 0
+    for name, t in zip(names, tensors):
+        if name.endswith("_cols"):  # new input columns of the rows so far
+            out[:t.shape[0], cols:cols + t.shape[1]].copy_(t)
+            cols += t.shape[1]
+        elif name.endswith("_rows"):  # new output rows across every column so far
+            out[rows:rows + t.shape[0], :t.shape[1]].copy_(t)
+            rows += t.shape[0]
+        else:
+            out[:t.shape[0], :t.shape[1]].copy_(t)
+            rows, cols = t.shape
+
+
+def in_place(weights):
+    """Do these weights lie one after the other, by rows, in one storage (GPT.join_stacked_weights)?"""
+    first, offset = weights[0], weights[0].storage_offset()
     for w in weights:
         if not (w.is_contiguous() and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-                and w.storage_offset() == offset + rows * first.shape[1]):
-            return torch.cat(weights)
-        rows += w.shape[0]
-    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+                and w.storage_offset() == offset):
+            return False
+        offset += w.numel()
+    return True
+
+
+def stacked_weight(layout, parts, dtype):
+    """The Growables' weights stacked by rows, (sum of out, in), in dtype. Weights of one block each are used
+    where they lie (cast if need be; a view if they lie one after the other); otherwise every block is cast as it
+    is copied into its place: one pass over the weights, whatever the number of blocks."""
+    weights = growables(layout, parts)
+    if all(len(names) == 1 for names, _ in weights):
+        blocks = [tensors[0].to(dtype) for _, tensors in weights]
+        if len(blocks) == 1:
+            return blocks[0]
+        if in_place(blocks):
+            return blocks[0].as_strided((sum(len(b) for b in blocks), blocks[0].shape[1]), blocks[0].stride())
+    shapes = [parts_shape(*w) for w in weights]
+    out = torch.empty(sum(s[0] for s in shapes), shapes[0][1], dtype=dtype, device=parts[0].device)
+    row = 0
+    for (names, tensors), shape in zip(weights, shapes):
+        if set(names) & set(Growable.PERMS):  # assembled, then permuted
+            out[row:row + shape[0]].copy_(weight_from_parts(names, tensors))
+        else:
+            place_blocks(out[row:row + shape[0]], names, tensors)
+        row += shape[0]
+    return out
 
 
 def weight_matmul_impl(a: torch.Tensor, parts: list[torch.Tensor], layout: str, transposed: bool) -> torch.Tensor:
     """a @ W.T (transposed: a linear layer) or a @ W (its input gradient), in a's dtype, W = stacked_weight."""
-    # each block cast before they are joined: one weight-sized copy in a's dtype, not a float32 one and its cast
-    w = stacked_weight(layout, [p.to(a.dtype) if p.is_floating_point() else p for p in parts])
+    w = stacked_weight(layout, parts, a.dtype)
     return F.linear(a, w) if transposed else a @ w
 
 

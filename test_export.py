@@ -125,7 +125,7 @@ def test_joined_weights_are_read_in_place_and_keep_the_logits(model):
         assert torch.equal(joined(idx)[0], before)
     for stack in ((layer.attn.wq, layer.attn.wk, layer.attn.wv) for layer in joined.layers):
         names, parts = zip(*(g.parts() for g in stack))
-        w = stacked_weight(";".join(",".join(n) for n in names), [t for p in parts for t in p])
+        w = stacked_weight(";".join(",".join(n) for n in names), [t for p in parts for t in p], torch.float32)
         assert w.data_ptr() == stack[0].g2.data_ptr() and torch.equal(w, torch.cat([g.weight for g in stack]))
     with pytest.raises(ValueError, match="condense the model first"):
         copy.deepcopy(model).join_stacked_weights()

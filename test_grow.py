@@ -435,24 +435,28 @@ def test_condense_keeps_logits_and_glues_adam_moments(upto):
 # linear layers: one op assembles the blocks in the forward and again in the backward
 
 
-def three_generation_weight(seed):
-    """A float64 (6, 5) Growable of three generations (base, columns and rows twice) with both permutations."""
+def three_generation_weight(seed, permuted=True):
+    """A float64 (6, 5) Growable of three generations (base, columns and rows twice), with both permutations
+    or with none (blocks copied straight into their places)."""
     torch.manual_seed(seed)
     g = Growable(3, 2).double()
     torch.nn.init.normal_(g.g0)
     g.grow((4, 3), 1, rows=torch.nn.init.normal_, cols=torch.nn.init.normal_)
-    g.place(0, torch.tensor([1, 3, 0]))  # the new row goes to place 2
+    if permuted:
+        g.place(0, torch.tensor([1, 3, 0]))  # the new row goes to place 2
     g.grow((6, 5), 2, rows=torch.nn.init.normal_, cols=torch.nn.init.normal_)
-    g.place(1, torch.tensor([4, 0, 2]))  # the new columns go to places 1 and 3
+    if permuted:
+        g.place(1, torch.tensor([4, 0, 2]))  # the new columns go to places 1 and 3
     assert [n for n, _ in g.named_parameters()] == ["g0", "g1_cols", "g1_rows", "g2_cols", "g2_rows"]
-    assert g.row_perm is not None and g.col_perm is not None
+    assert (g.row_perm is not None and g.col_perm is not None) == permuted
     return g
 
 
 def test_linear_gradients_are_plain_autograds():
     plain = Growable(4, 5).double()  # stacked with grown ones, as wq, wk, wv
     torch.nn.init.normal_(plain.g0)
-    for weights in [(three_generation_weight(0),), (three_generation_weight(1), plain, three_generation_weight(2))]:
+    for weights in [(three_generation_weight(0),), (three_generation_weight(1, permuted=False),),
+                    (three_generation_weight(2), plain, three_generation_weight(3, permuted=False))]:
         x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
         blocks = [p for g in weights for p in g.parameters()]
         assert torch.autograd.gradcheck(lambda x, *_: linear(x, *weights), (x, *blocks))
@@ -467,7 +471,7 @@ def test_linear_gradients_are_plain_autograds():
 
 def test_linear_under_autocast_is_f_linear():
     """bfloat16 products of the float32 input and blocks, float32 gradients: what autocast makes of F.linear."""
-    weights = [three_generation_weight(seed).float() for seed in (3, 4)]
+    weights = [three_generation_weight(seed, permuted).float() for seed, permuted in ((3, True), (4, False))]
     x = torch.randn(2, 3, 5, requires_grad=True)
     blocks = [p for g in weights for p in g.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
