@@ -16,6 +16,10 @@ Scratch: a stable WSD run (no cooldown) at each peak LR, with snapshots at 1/4, 
 its budget (halves for the tiny regime); from each, a branch cools down for 20% more iterations. The branches' final evals are the
 frontier. A ladder's FLOPs ratio is its FLOPs over the FLOPs at which the frontier reaches its final
 bpb (linear in log FLOPs between branches; beyond the last branch, the last two extended, and said).
+The ratio is the product of two factors the report also gives: the ladder's cost per token (its FLOPs
+over its tokens at the final shape's FLOPs per token: what the small stages save, fixed by the ladder's
+shapes and timing) and its token ratio (its tokens over the tokens scratch needs for the same bpb: what
+growing costs in learning, 1 if a grown model learned as much per token as scratch).
 """
 
 import json
@@ -237,9 +241,10 @@ def read_log(name):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
-def final_eval(name):
+def final_eval(name, *keys):
+    """(flops, val_bpb), or the keys asked for, of a run's last eval; None before it has one."""
     evals = [e for e in read_log(name) if e["event"] == "eval"]
-    return (evals[-1]["flops"], evals[-1]["val_bpb"]) if evals else None
+    return tuple(evals[-1][k] for k in keys or ("flops", "val_bpb")) if evals else None
 
 
 def frontier_flops(frontier, bpb):
@@ -304,24 +309,31 @@ def report(png_prefix):
             frontier_seeds={str(k): [dict(seed=s, flops=f, bpb=b) for s, f, b in pts]
                             for k, pts in sorted(sweeps[best].items())},
             lr_sweep={v: fr[:, 1].tolist() for v, fr in sorted(frontiers.items())})
+        branch = next(n for n in mine if parse(n)[1] == best and parse(n)[3].startswith("cd"))
+        flops_per_token = np.divide(*final_eval(branch, "flops", "tokens"))  # the final shape's
         for n in mine:
             _, variant, seed, part = parse(n)
             if variant.startswith("scratch") or part != f"s{len(REGIMES[regime].get('ladders', LADDERS)[variant])}" \
                     or not final_eval(n):
                 continue  # only a ladder's last stage, once it has run
             flops, bpb = final_eval(n)
+            (tokens,) = final_eval(n, "tokens")
+            cost = flops / (tokens * flops_per_token)
             equal, where = frontier_flops(frontier, bpb)
             # against each scratch seed's own frontier: how much scratch's seed alone moves the ratio
             by_seed = [flops / frontier_flops(f, bpb)[0] for f in seed_frontiers(sweeps[best]).values()]
             gap_ref, where_gap = frontier_bpb(frontier, flops)
             results["runs"].append(dict(regime=regime, variant=variant, seed=seed, run=n, flops=flops, val_bpb=bpb,
                                         flops_ratio=flops / equal, ratio_is=where, bpb_gap=bpb - gap_ref,
+                                        tokens=tokens, cost_per_token=cost, token_ratio=flops / equal / cost,
                                         flops_ratio_per_scratch_seed=by_seed,
                                         gap_is=where_gap))
         for variant in sorted({r["variant"] for r in results["runs"] if r["regime"] == regime}):
             rs = [r for r in results["runs"] if r["regime"] == regime and r["variant"] == variant]
             results["candidates"][f"{regime}/{variant}"] = dict(
                 flops_ratio=spread([r["flops_ratio"] for r in rs]), bpb_gap=spread([r["bpb_gap"] for r in rs]),
+                cost_per_token=spread([r["cost_per_token"] for r in rs]),
+                token_ratio=spread([r["token_ratio"] for r in rs]),
                 flops_ratio_per_scratch_seed=spread([x for r in rs for x in r["flops_ratio_per_scratch_seed"]]),
                 val_bpb=spread([r["val_bpb"] for r in rs]), seeds=sorted(r["seed"] for r in rs),
                 extrapolated=any("extrapolated" in (r["ratio_is"], r["gap_is"]) for r in rs))
@@ -337,17 +349,19 @@ def print_table(results):
         print(f"regime {regime}: scratch {r['scratch_best']}, frontier (FLOPs, bpb) "
               + ", ".join(f"({f:.3g}, {b:.4f})" for f, b in r["frontier"]))
         print("| candidate | seeds | val bpb | FLOPs ratio at equal quality | against each scratch seed "
-              "| bpb gap at equal FLOPs |")
-        print("| --- | --- | ---: | ---: | ---: | ---: |")
+              "| bpb gap at equal FLOPs | = cost per token x token ratio |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
         rows = sorted((c for c in results["candidates"].items() if c[0].startswith(f"{regime}/")),
                       key=lambda kv: kv[1]["flops_ratio"]["mean"])
         for name, c in rows:
             ratio, gap, bpb, each = c["flops_ratio"], c["bpb_gap"], c["val_bpb"], c["flops_ratio_per_scratch_seed"]
             print(f"| {name.split('/', 1)[1]} | {len(c['seeds'])} | {bpb['mean']:.4f} | {ratio['mean']:.3f} "
                   f"({ratio['min']:.3f}-{ratio['max']:.3f}){' *' if c['extrapolated'] else ''} "
-                  f"| {each['min']:.3f}-{each['max']:.3f} | {gap['mean']:+.4f} ({gap['min']:+.4f} to {gap['max']:+.4f}) |")
+                  f"| {each['min']:.3f}-{each['max']:.3f} | {gap['mean']:+.4f} ({gap['min']:+.4f} to {gap['max']:+.4f}) "
+                  f"| {c['cost_per_token']['mean']:.3f} x {c['token_ratio']['mean']:.3f} |")
         print("(ratio: mean (range) over the ladder's seeds against the seed-mean frontier; * somewhere beyond "
-              "the frontier's last branch, extended)")
+              "the frontier's last branch, extended. Cost per token: the ladder's FLOPs per token over the final "
+              "shape's; token ratio: its tokens over scratch's at the same bpb)")
 
 
 def curve(names):

@@ -50,6 +50,14 @@ def test_report_gives_a_flops_ratio_against_a_two_branch_frontier(study):
     reach = np.exp(np.log(f0) + (run["val_bpb"] - b0) / (b1 - b0) * (np.log(f1) - np.log(f0)))
     assert run["flops_ratio"] == pytest.approx(run["flops"] / reach, rel=1e-9)
     assert run["ratio_is"] == ("inside" if b1 <= run["val_bpb"] <= b0 else "extrapolated")
+    # the two factors: what the small stage saves per token (its tokens at its own FLOPs per token), and the
+    # tokens the ladder needed over scratch's for its bpb
+    s1 = [json.loads(line) for line in open(study / "assets" / "study" / "tiny__ref__s1337__s1.jsonl")][-1]
+    per_token, small_per_token = stable[-1]["flops"] / stable[-1]["tokens"], s1["flops"] / s1["tokens"]
+    small_share = s1["tokens"] / run["tokens"]
+    assert 0 < small_per_token < per_token and 0 < small_share < 1
+    assert run["cost_per_token"] == pytest.approx(small_share * small_per_token / per_token + 1 - small_share)
+    assert run["token_ratio"] == pytest.approx(run["tokens"] / (reach / per_token))
     assert f"| ref | 1 | {run['val_bpb']:.4f} | {run['flops_ratio']:.3f}" in out
     assert (study / "assets" / "study_tiny.png").exists()
 
