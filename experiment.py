@@ -39,11 +39,12 @@ COOLDOWN = 0.2  # of the iterations before it
 # A regime: the final shape's config, the small one (and a mid one), scratch's budget, branches and peak LRs,
 # stage 1's iterations, and its own ladders if not LADDERS below.
 GROW = ["--init_from=grow", "--lr_mult=1.0"]  # the reference: every generation at the stage's peak
+NEW2X = [*GROW, "--lr_mult=2.0"]  # the best recipe: the new generation at 2x (the later --lr_mult wins)
 REGIMES = {
     "c": dict(  # compute-bound: the final shape sees its training text about once
         final="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=800, branches=4,
         lrs=(1e-3, 2e-3, 4e-3),
-        s1_iters=400, common=["--eval_interval=100"]),
+        s1_iters=400, common=["--eval_interval=100"]),  # ladders: LADDERS and MORE_STAGES
     "tiny": dict(  # the CPU ladder, for the tests and a first look
         final="config/tiny_stage2.py", small="config/tiny_stage1.py", scratch_iters=40, branches=2, lrs=(3e-3,),
         s1_iters=20, common=["--eval_interval=10", "--eval_windows=16", "--log_interval=5"]),
@@ -55,8 +56,8 @@ REGIMES = {
                            ("final", [*GROW, "--lr_mult=2.0"], None)]}),
 }
 # Ladder variants: each a list of stages (small or final shape, overrides, iterations as a multiple of the
-# regime's s1_iters); the last stage trains the final shape on what is left of scratch's budget in FLOPs and
-# cools down. A variant's first stages that equal the reference's are the reference's runs, shared.
+# regime's s1_iters, or None: what is left of scratch's budget in FLOPs); the last stage trains the final
+# shape and cools down. A variant's first stages that equal the reference's are the reference's runs, shared.
 LADDERS = {
     "ref": [("small", [], 1), ("final", GROW, None)],
     "cosine": [("small", ["--schedule=cosine", "--decay_iters={iters}"], 1),
@@ -85,6 +86,24 @@ LADDERS = {
     "tiers_small": [("small", [], 0.5), ("small", [*GROW, "--vocab_size={v_final}", "--data_dir={tier_final}"], 0.5),
                     ("final", GROW, None)],
 }
+
+
+# Regime c's ladders through smaller shapes first. A ladder's FLOPs ratio is its cost per token times its token
+# ratio (see the docstring); the two-stage ladders' cost per token is 0.80 whatever their recipe, since stage 1
+# (0.50 of the final shape's FLOPs per token) takes 400 of their 1,000 iterations, and 1,000 iterations are about
+# one pass over the text (0.99 for the reference). These lower it: `steps4` spends scratch's FLOPs through 4 shapes
+# (cost 0.75, 1,064 iterations, 1.07 passes); `even4` gives each shape 250 iterations (cost 0.46, 0.97 passes,
+# 0.58 of scratch's stable FLOPs), and its ratio is measured at whatever bpb it reaches.
+TINY_C = ["--n_layer=4", "--n_head=2", "--ffn_hidden=768", "--warmup_iters=25"]  # 0.11 of the final's FLOPs/token
+MID_C = ["--n_layer=5", "--n_head=3", "--ffn_hidden=1024", "--warmup_iters=25"]  # 0.24
+MORE_STAGES = {
+    "steps4": [("small", TINY_C, 0.25), ("small", [*NEW2X, *MID_C], 0.25),
+               ("small", [*NEW2X, "--warmup_iters=25"], 0.5), ("final", NEW2X, None)],
+    "even4": [("small", TINY_C, 0.625), ("small", [*NEW2X, *MID_C], 0.625), ("small", NEW2X, 0.625),
+              ("final", NEW2X, 0.625)],
+}
+
+REGIMES["c"]["ladders"] = {**LADDERS, **MORE_STAGES}
 
 
 def repo_path(path):
@@ -144,10 +163,10 @@ def runs(regime, seeds):
             parent, spent, prefix = None, 0, ()
             for k, (shape, args, scale) in enumerate(stages, 1):
                 config = r[shape]
-                last = scale is None
+                last = k == len(stages)
                 fill = dict(v_final=v_final, tier_final=tier_final, iters=0)
                 per_iter = flops_per_iter(config, [a.format(**fill) for a in args])  # the shape, not {iters}
-                iters = round((target - spent) / per_iter) if last else round(scale * r["s1_iters"])
+                iters = round((target - spent) / per_iter) if scale is None else round(scale * r["s1_iters"])
                 fill["iters"] = iters
                 args = [a.format(**fill) for a in args]
                 prefix += ((config, tuple(args), iters),)
