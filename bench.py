@@ -34,6 +34,7 @@ torchrun's ranks; on one rank nothing is sharded, and the peak is the whole mode
 
 import copy
 import functools
+import itertools
 import json
 import math
 import os
@@ -105,7 +106,7 @@ def bench_sampling():
     prompt = torch.randint(0, vocab_size, (1, prompt_tokens), device=device)
     print(f"sampling {final}: batch 1, {prompt_tokens} prompt + {n_new} new tokens, "
           f"{torch.cuda.get_device_name() if on_cuda else 'cpu'}, {str(dtype)[6:]}", flush=True)
-    for mode, weights in ((m, w) for m in modes for w in sample_weights.split(",")):
+    for mode, weights in itertools.product(modes, sample_weights.split(",")):
         model = models[weights]
         if mode in ("none", "dynamic"):
             generate = functools.partial(model.generate, use_cache=mode == "dynamic")

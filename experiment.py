@@ -93,14 +93,16 @@ LADDERS = {
 # (0.50 of the final shape's FLOPs per token) takes 400 of their 1,000 iterations, and 1,000 iterations are about
 # one pass over the text (0.99 for the reference). These lower it: `steps4` spends scratch's FLOPs through 4 shapes
 # (cost 0.75, 1,064 iterations, 1.07 passes); `even4` gives each shape 250 iterations (cost 0.46, 0.97 passes,
-# 0.58 of scratch's stable FLOPs), and its ratio is measured at whatever bpb it reaches.
-TINY_C = ["--n_layer=4", "--n_head=2", "--ffn_hidden=768", "--warmup_iters=25"]  # 0.11 of the final's FLOPs/token
-MID_C = ["--n_layer=5", "--n_head=3", "--ffn_hidden=1024", "--warmup_iters=25"]  # 0.24
+# 0.58 of scratch's stable FLOPs), and its ratio is measured at whatever bpb it reaches. Stages this short warm
+# up (a new generation too) for 25 iterations: the configs' 100 would be most of them.
+SHORT = ["--warmup_iters=25"]
+TINY_C = ["--n_layer=4", "--n_head=2", "--ffn_hidden=768", *SHORT]  # 0.11 of the final shape's FLOPs per token
+MID_C = ["--n_layer=5", "--n_head=3", "--ffn_hidden=1024", *SHORT]  # 0.24
 MORE_STAGES = {
-    "steps4": [("small", TINY_C, 0.25), ("small", [*NEW2X, *MID_C], 0.25),
-               ("small", [*NEW2X, "--warmup_iters=25"], 0.5), ("final", NEW2X, None)],
-    "even4": [("small", TINY_C, 0.625), ("small", [*NEW2X, *MID_C], 0.625), ("small", NEW2X, 0.625),
-              ("final", NEW2X, 0.625)],
+    "steps4": [("small", TINY_C, 0.25), ("small", [*NEW2X, *MID_C], 0.25), ("small", [*NEW2X, *SHORT], 0.5),
+               ("final", NEW2X, None)],
+    "even4": [("small", TINY_C, 0.625), ("small", [*NEW2X, *MID_C], 0.625), ("small", [*NEW2X, *SHORT], 0.625),
+              ("final", [*NEW2X, *SHORT], 0.625)],
 }
 
 REGIMES["c"]["ladders"] = {**LADDERS, **MORE_STAGES}

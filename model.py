@@ -109,22 +109,30 @@ def growables(layout, parts):
 
 
 def place_blocks(out, names, tensors):
-    """Copy a Growable's blocks (no permutation) into out, the weight's place, casting to out's dtype on the way."""
+    """Write a Growable's weight into out: each block copied into its place, cast to out's dtype on the way, then
+    the permutations applied (weight = assembled[row_perm]), which alone take another pass."""
+    parts = dict(zip(names, tensors))
+    perms = {dim: parts.pop(name) for dim, name in enumerate(Growable.PERMS) if name in parts}
+    assembled = torch.empty_like(out) if perms else out
     rows = cols = 0
-    for name, t in zip(names, tensors):
+    for name, t in parts.items():
         if name.endswith("_cols"):  # new input columns of the rows so far
-            out[:t.shape[0], cols:cols + t.shape[1]].copy_(t)
+            assembled[:t.shape[0], cols:cols + t.shape[1]].copy_(t)
             cols += t.shape[1]
         elif name.endswith("_rows"):  # new output rows across every column so far
-            out[rows:rows + t.shape[0], :t.shape[1]].copy_(t)
+            assembled[rows:rows + t.shape[0], :t.shape[1]].copy_(t)
             rows += t.shape[0]
         else:
-            out[:t.shape[0], :t.shape[1]].copy_(t)
+            assembled[:t.shape[0], :t.shape[1]].copy_(t)
             rows, cols = t.shape
+    if perms:
+        for dim, perm in perms.items():
+            assembled = assembled.index_select(dim, perm)
+        out.copy_(assembled)
 
 
-def in_place(weights):
-    """Do these weights lie one after the other, by rows, in one storage (GPT.join_stacked_weights)?"""
+def stored_back_to_back(weights):
+    """Do these contiguous weights follow one another, by rows, in one storage (GPT.join_stacked_weights)?"""
     first, offset = weights[0], weights[0].storage_offset()
     for w in weights:
         if not (w.is_contiguous() and w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
@@ -135,24 +143,23 @@ def in_place(weights):
 
 
 def stacked_weight(layout, parts, dtype):
-    """The Growables' weights stacked by rows, (sum of out, in), in dtype. Weights of one block each are used
-    where they lie (cast if need be; a view if they lie one after the other); otherwise every block is cast as it
-    is copied into its place: one pass over the weights, whatever the number of blocks."""
+    """The Growables' weights stacked by rows, (sum of out, in), in dtype. A weight of one block is used where it
+    lies (cast if need be), and several as a view where they follow one another in one storage; otherwise every
+    block is cast as it is copied into its place: one pass over the weights, whatever the number of blocks (two
+    for a permuted one)."""
     weights = growables(layout, parts)
     if all(len(names) == 1 for names, _ in weights):
-        blocks = [tensors[0].to(dtype) for _, tensors in weights]
+        blocks = [tensors[0] for _, tensors in weights]
         if len(blocks) == 1:
-            return blocks[0]
-        if in_place(blocks):
-            return blocks[0].as_strided((sum(len(b) for b in blocks), blocks[0].shape[1]), blocks[0].stride())
+            return blocks[0].to(dtype)
+        if all(b.dtype == dtype for b in blocks) and stored_back_to_back(blocks):
+            cols = blocks[0].shape[1]
+            return blocks[0].as_strided((sum(len(b) for b in blocks), cols), (cols, 1))
     shapes = [parts_shape(*w) for w in weights]
     out = torch.empty(sum(s[0] for s in shapes), shapes[0][1], dtype=dtype, device=parts[0].device)
     row = 0
     for (names, tensors), shape in zip(weights, shapes):
-        if set(names) & set(Growable.PERMS):  # assembled, then permuted
-            out[row:row + shape[0]].copy_(weight_from_parts(names, tensors))
-        else:
-            place_blocks(out[row:row + shape[0]], names, tensors)
+        place_blocks(out[row:row + shape[0]], names, tensors)
         row += shape[0]
     return out
 
@@ -170,7 +177,8 @@ weight_matmul_op = torch.library.custom_op("growing_llama::weight_matmul", weigh
 
 @weight_matmul_op.register_fake
 def weight_matmul_shape(a, parts, layout, transposed):
-    """The output's shape and dtype, for torch.compile's tracing (fake tensors have no storage to compare)."""
+    """The output's shape and dtype, for torch.compile's tracing (reading a fake tensor's data_ptr, as
+    stored_back_to_back does, is an error)."""
     shapes = [parts_shape(*g) for g in growables(layout, parts)]  # (out, in) each, one in
     return a.new_empty(*a.shape[:-1], sum(s[0] for s in shapes) if transposed else shapes[0][1])
 
