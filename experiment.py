@@ -5,6 +5,7 @@ every ladder measured against it.
     python experiment.py list [REGIME]                       # the runs, with their train.py commands
     python experiment.py run c/scratch c/ref --seeds=1337    # runs (and what they grow or branch from)
     python experiment.py report                              # -> assets/study_results.json, assets/study_<regime>.png
+    python experiment.py todo                                # what the protocol still asks for, and its FLOPs
 
 A run name is regime/variant/s<seed>/<part>; `run` takes whole names or prefixes (c/ref, c/ref/s1337).
 Runs go JOBS at a time on one GPU (small models leave it idle between kernels; more GPUs: one
@@ -33,6 +34,7 @@ import time
 import numpy as np
 
 OUT, LOGS = "out/study", "assets/study"  # relative to the folder it runs in (which holds data/)
+SEEDS = (1337, 2024, 7)  # the study's seeds, in the order candidates take them
 HERE = os.path.dirname(os.path.abspath(__file__))
 COOLDOWN = 0.2  # of the iterations before it
 
@@ -44,13 +46,15 @@ REGIMES = {
     "c": dict(  # compute-bound: the final shape sees its training text about once
         final="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=800, branches=4,
         lrs=(1e-3, 2e-3, 4e-3),
-        s1_iters=400, common=["--eval_interval=100"]),  # ladders: LADDERS and MORE_STAGES
+        s1_iters=400, common=["--eval_interval=100"],  # ladders: LADDERS and MORE_STAGES
+        seeds=3, within=0.1, seeded=("ref",)),  # the protocol: seeds for scratch, ref and the ladders near the best
     "tiny": dict(  # the CPU ladder, for the tests and a first look
         final="config/tiny_stage2.py", small="config/tiny_stage1.py", scratch_iters=40, branches=2, lrs=(3e-3,),
         s1_iters=20, common=["--eval_interval=10", "--eval_windows=16", "--log_interval=5"]),
     "t": dict(  # as the earlier experiment: 134.1M final, scratch sees the text about 2.4 times; not run yet
         final="config/exp_stage3.py", mid="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=1984,
         branches=4, lrs=(5e-4, 1e-3, 2e-3), s1_iters=1500, common=["--eval_interval=100"],
+        seeds=2, within=0.0, seeded=(),  # 2 seeds for scratch and the best ladder
         ladders={"ref": [("small", [], 1), ("mid", GROW, 1300 / 1500), ("final", GROW, None)],
                  "new2x": [("small", [], 1), ("mid", [*GROW, "--lr_mult=2.0"], 1300 / 1500),
                            ("final", [*GROW, "--lr_mult=2.0"], None)]}),
@@ -305,11 +309,27 @@ def spread(values):
     return dict(mean=float(np.mean(values)), min=float(np.min(values)), max=float(np.max(values)), n=len(values))
 
 
-def report(png_prefix):
+def logged_runs():
+    """The names of the runs whose logs are in LOGS."""
     names = sorted(f[:-len(".jsonl")].replace("__", "/") for f in os.listdir(LOGS) if f.endswith(".jsonl")) \
         if os.path.isdir(LOGS) else []
     if not names:
         raise SystemExit(f"no study logs in {LOGS}; run `python experiment.py run ...` first")
+    return names
+
+
+def report(png_prefix):
+    results = study_results(logged_runs())
+    for regime in results["regimes"]:
+        plot(regime, results, f"{png_prefix}_{regime}.png")
+    os.makedirs(os.path.dirname(png_prefix) or ".", exist_ok=True)
+    with open(f"{png_prefix}_results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    print_table(results)
+
+
+def study_results(names):
+    """Every regime's scratch frontier, every ladder's ratios against it, and each candidate's mean and range."""
     results = {"regimes": {}, "runs": [], "candidates": {}}
     for regime in sorted({parse(n)[0] for n in names}):
         mine = [n for n in names if parse(n)[0] == regime]
@@ -358,11 +378,51 @@ def report(png_prefix):
                 flops_ratio_per_scratch_seed=spread([x for r in rs for x in r["flops_ratio_per_scratch_seed"]]),
                 val_bpb=spread([r["val_bpb"] for r in rs]), seeds=sorted(r["seed"] for r in rs),
                 extrapolated=any("extrapolated" in (r["ratio_is"], r["gap_is"]) for r in rs))
-        plot(regime, results, f"{png_prefix}_{regime}.png")
-    os.makedirs(os.path.dirname(png_prefix) or ".", exist_ok=True)
-    with open(f"{png_prefix}_results.json", "w") as f:
-        json.dump(results, f, indent=1)
-    print_table(results)
+    return results
+
+
+def todo(results, names):
+    """{regime: run prefixes} the protocol still asks for: every peak LR and ladder screened with the first seed;
+    then the regime's `seeds` seeds for scratch's best LR, for the ladders in `seeded` and for every ladder within
+    `within` of the best mean FLOPs ratio."""
+    wanted = {}
+    for regime, r in REGIMES.items():
+        if "seeds" not in r:
+            continue  # no protocol (tiny)
+        ladders, seeds, first = r.get("ladders", LADDERS), SEEDS[:r["seeds"]], SEEDS[0]
+        branches = [f"cd{k}" for k in range(r["scratch_iters"] // r["branches"], r["scratch_iters"] + 1,
+                                            r["scratch_iters"] // r["branches"])]
+        want = [f"{regime}/scratch_lr{lr:g}/s{first}/" for lr in r["lrs"]
+                if f"{regime}/scratch_lr{lr:g}/s{first}/stable" not in names]
+        want += [f"{regime}/{v}/s{first}/" for v, stages in ladders.items()
+                 if f"{regime}/{v}/s{first}/s{len(stages)}" not in names]
+        best_scratch = results["regimes"].get(regime, {}).get("scratch_best")
+        if best_scratch:
+            want += [f"{regime}/{best_scratch}/s{s}/" for s in seeds
+                     if any(f"{regime}/{best_scratch}/s{s}/{b}" not in names for b in branches)]
+        ratios = {k.split("/", 1)[1]: c["flops_ratio"]["mean"] for k, c in results["candidates"].items()
+                  if k.startswith(f"{regime}/")}
+        near = {v for v, x in ratios.items() if x <= min(ratios.values()) + r["within"]} if ratios else set()
+        for v in sorted(near | set(r["seeded"])):
+            want += [f"{regime}/{v}/s{s}/" for s in seeds if f"{regime}/{v}/s{s}/s{len(ladders[v])}" not in names]
+        wanted[regime] = list(dict.fromkeys(want))
+    return wanted
+
+
+def print_todo(wanted):
+    for regime, prefixes in wanted.items():
+        r = REGIMES[regime]
+        everything = runs(regime, SEEDS[:r["seeds"]])
+        chosen = {n for n in everything if any(n.startswith(p) for p in prefixes)}
+        while parents := {everything[n][1] for n in chosen if everything[n][1]} - chosen:  # checkpoints do not travel
+            chosen |= parents
+        flops = sum(int(next(a for a in args if a.startswith("--max_iters="))[len("--max_iters="):])
+                    * flops_per_iter(args[0], args[1:]) for args, _ in (everything[n] for n in chosen))
+        budget = r["scratch_iters"] * flops_per_iter(r["final"])
+        print(f"regime {regime}: {len(prefixes)} to run, {len(chosen)} runs with the ones they start from, "
+              f"{flops / budget:.1f} x scratch's stable budget ({budget:.3g} FLOPs)")
+        if prefixes:
+            print(f"python experiment.py run {' '.join(prefixes)} --seeds={','.join(map(str, SEEDS[:r['seeds']]))}")
 
 
 def print_table(results):
@@ -458,6 +518,9 @@ if __name__ == "__main__":
         run({n: chosen[n] for n in everything if n in chosen}, extra, int(ours.get("jobs", 1)))
     elif cmd == "report":
         report(os.path.join(os.path.dirname(LOGS.rstrip("/")), "study"))  # beside the logs' folder
+    elif cmd == "todo":
+        names = logged_runs()
+        print_todo(todo(study_results(names), set(names)))
     else:
         raise SystemExit("usage: python experiment.py list [PREFIX...] | run NAME_OR_PREFIX... [--seeds=1337,2024] "
-                         "[--jobs=4] [--train_key=value ...] | report  (both take --out=DIR --logs=DIR)")
+                         "[--jobs=4] [--train_key=value ...] | report | todo  (all take --out=DIR --logs=DIR)")

@@ -77,3 +77,22 @@ def test_a_run_done_again_keeps_the_first_log_and_files_the_new_one_as_a_rerun(s
     assert (study / "assets" / "study" / "tiny__ref__s1337__s1.jsonl").read_text() == first
     rerun = study / "assets" / "study_reruns" / "tiny__ref__s1337__s1__rerun1.jsonl"
     assert rerun.exists() and json.loads(rerun.read_text().splitlines()[-1])["event"] == "eval"
+
+
+def test_todo_asks_for_what_the_protocol_lacks():
+    """Screening with the first seed for every peak LR and ladder; three seeds for scratch's best LR, the
+    reference and the ladders within 0.1 of the best ratio; none for one beyond it, or for what has run."""
+    import experiment
+    c = experiment.REGIMES["c"]
+    every = [200, 400, 600, 800]
+    names = {f"c/scratch_lr{lr:g}/s1337/stable" for lr in c["lrs"]}
+    names |= {f"c/scratch_lr0.002/s{s}/cd{k}" for s in (1337, 2024) for k in every}
+    names |= {f"c/{v}/s1337/s{len(stages)}" for v, stages in experiment.LADDERS.items()}  # each one's last stage
+    names |= {"c/new2x/s2024/s2", "c/new2x/s7/s2"}
+    results = {"regimes": {"c": {"scratch_best": "scratch_lr0.002"}},
+               "candidates": {f"c/{v}": {"flops_ratio": {"mean": x}} for v, x in
+                              (("new2x", 0.86), ("ref", 0.91), ("old0.5", 0.95), ("late", 0.97), ("cosine", 1.1))}}
+    want = experiment.todo(results, names)["c"]
+    assert set(want) == {"c/steps4/s1337/", "c/even4/s1337/", "c/scratch_lr0.002/s7/",
+                         *(f"c/{v}/s{s}/" for v in ("ref", "old0.5") for s in (2024, 7))}
+    assert experiment.todo(results, names)["t"][:3] == [f"t/scratch_lr{lr:g}/s1337/" for lr in (5e-4, 1e-3, 2e-3)]
