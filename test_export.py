@@ -127,6 +127,9 @@ def test_joined_weights_are_read_in_place_and_keep_the_logits(model):
         names, parts = zip(*(g.parts() for g in stack))
         w = stacked_weight(";".join(",".join(n) for n in names), [t for p in parts for t in p], torch.float32)
         assert w.data_ptr() == stack[0].g2.data_ptr() and torch.equal(w, torch.cat([g.weight for g in stack]))
+    prompt = torch.randint(0, TIER, (2, 7), generator=torch.Generator().manual_seed(7))  # sample.py's path, greedy
+    assert torch.equal(StaticDecoder(joined, 2, 27).generate(prompt, 20, temperature=0),
+                       model.generate(prompt, 20, temperature=0, use_cache=False))
     with pytest.raises(ValueError, match="condense the model first"):
         copy.deepcopy(model).join_stacked_weights()
 
