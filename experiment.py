@@ -56,8 +56,7 @@ REGIMES = {
         branches=4, lrs=(5e-4, 1e-3, 2e-3), s1_iters=1500, common=["--eval_interval=100"],
         seeds=2, within=0.0, seeded=(),  # 2 seeds for scratch and the best ladder
         ladders={"ref": [("small", [], 1), ("mid", GROW, 1300 / 1500), ("final", GROW, None)],
-                 "new2x": [("small", [], 1), ("mid", [*GROW, "--lr_mult=2.0"], 1300 / 1500),
-                           ("final", [*GROW, "--lr_mult=2.0"], None)]}),
+                 "new2x": [("small", [], 1), ("mid", NEW2X, 1300 / 1500), ("final", NEW2X, None)]}),
 }
 # Ladder variants: each a list of stages (small or final shape, overrides, iterations as a multiple of the
 # regime's s1_iters, or None: what is left of scratch's budget in FLOPs); the last stage trains the final
@@ -73,10 +72,10 @@ LADDERS = {
     "stack": [("small", [], 1), ("final", [*GROW, "--layer_init=stack"], None)],
     "old0.5": [("small", [], 1), ("final", [*GROW, "--old_lr_mult=0.5"], None)],
     "old0.25": [("small", [], 1), ("final", [*GROW, "--old_lr_mult=0.25"], None)],
-    "new2x": [("small", [], 1), ("final", [*GROW, "--lr_mult=2.0"], None)],
+    "new2x": [("small", [], 1), ("final", NEW2X, None)],
     "reset_adam": [("small", [], 1), ("final", [*GROW, "--reset_optimizer=True"], None)],
     # the two learning-rate levers that helped most when screened, together
-    "new2x_old0.5": [("small", [], 1), ("final", [*GROW, "--lr_mult=2.0", "--old_lr_mult=0.5"], None)],
+    "new2x_old0.5": [("small", [], 1), ("final", [*NEW2X, "--old_lr_mult=0.5"], None)],
     # stage 1 at scratch's best peak LR (2e-3, not the configs' 1e-3): is it the ladder's LR that was untuned?
     "lr2": [("small", ["--learning_rate=2e-3"], 1), ("final", [*GROW, "--learning_rate=2e-3"], None)],
     "lr2_new2x": [("small", ["--learning_rate=2e-3"], 1),
@@ -138,6 +137,12 @@ def flops_per_iter(path, args=()):
     return model.flops_per_token(shape["block_size"]) * tokens
 
 
+def branch_iters(regime):
+    """The iterations of scratch's stable run that its cooldown branches start from."""
+    every = regime["scratch_iters"] // regime["branches"]
+    return list(range(every, regime["scratch_iters"] + 1, every))
+
+
 def train_args(name, config, args):
     return [repo_path(config), f"--out_dir={OUT}/{name}", *args]
 
@@ -146,7 +151,7 @@ def runs(regime, seeds):
     """{name: (train.py arguments, the run it starts from or None)} for every run of a regime."""
     r = REGIMES[regime]
     out, final, small = {}, r["final"], r["small"]
-    n, common, every = r["scratch_iters"], r["common"], r["scratch_iters"] // r["branches"]
+    n, common, every = r["scratch_iters"], r["common"], branch_iters(r)[0]
     target = n * flops_per_iter(final)  # every ladder spends scratch's stable budget
     final_values = config_values(final)
     tier_final, v_final = final_values["data_dir"], final_values["vocab_size"]
@@ -157,7 +162,7 @@ def runs(regime, seeds):
             out[stable] = (train_args(stable, final, [*s, "--init_from=scratch", f"--learning_rate={lr}", "--lr_mult=1.0",
                                                       f"--max_iters={n}", "--cooldown_iters=0",
                                                       f"--snapshot_interval={every}"]), None)
-            for k in range(every, n + 1, every):
+            for k in branch_iters(r):
                 cd = round(COOLDOWN * k)
                 name = f"{regime}/scratch_lr{lr:g}/s{seed}/cd{k}"
                 out[name] = (train_args(name, final, [*s, "--init_from=branch", f"--learning_rate={lr}", "--lr_mult=1.0",
@@ -357,8 +362,7 @@ def study_results(names):
             if variant.startswith("scratch") or part != f"s{len(REGIMES[regime].get('ladders', LADDERS)[variant])}" \
                     or not final_eval(n):
                 continue  # only a ladder's last stage, once it has run
-            flops, bpb = final_eval(n)
-            (tokens,) = final_eval(n, "tokens")
+            flops, bpb, tokens = final_eval(n, "flops", "val_bpb", "tokens")
             cost = flops / (tokens * flops_per_token)
             equal, where = frontier_flops(frontier, bpb)
             # against each scratch seed's own frontier: how much scratch's seed alone moves the ratio
@@ -390,8 +394,7 @@ def todo(results, names):
         if "seeds" not in r:
             continue  # no protocol (tiny)
         ladders, seeds, first = r.get("ladders", LADDERS), SEEDS[:r["seeds"]], SEEDS[0]
-        branches = [f"cd{k}" for k in range(r["scratch_iters"] // r["branches"], r["scratch_iters"] + 1,
-                                            r["scratch_iters"] // r["branches"])]
+        branches = [f"cd{k}" for k in branch_iters(r)]
         want = [f"{regime}/scratch_lr{lr:g}/s{first}/" for lr in r["lrs"]
                 if f"{regime}/scratch_lr{lr:g}/s{first}/stable" not in names]
         want += [f"{regime}/{v}/s{first}/" for v, stages in ladders.items()
