@@ -80,6 +80,25 @@ def weight_from_parts(names, tensors):
     return w
 
 
+def block_places(names, tensors):
+    """(name, rows, cols) of each block of a 2-D Growable's parts, the slices where it sits in the assembled weight:
+    growth's rule, a `_cols` strip to the right of the rows so far, a `_rows` strip below, across every column."""
+    places, rows, cols = [], 0, 0
+    for name, t in zip(names, tensors):
+        if name in Growable.PERMS:
+            continue
+        if name.endswith("_cols"):
+            places.append((name, slice(0, t.shape[0]), slice(cols, cols + t.shape[1])))
+            cols += t.shape[1]
+        elif name.endswith("_rows"):
+            places.append((name, slice(rows, rows + t.shape[0]), slice(0, t.shape[1])))
+            rows += t.shape[0]
+        else:
+            places.append((name, slice(0, t.shape[0]), slice(0, t.shape[1])))
+            rows, cols = t.shape
+    return places
+
+
 def grads_from_parts(names, tensors, grad):
     """The inverse of weight_from_parts for a gradient: grad (out, in) of the weight split into one per block
     (views), None for the permutations."""
@@ -87,13 +106,7 @@ def grads_from_parts(names, tensors, grad):
     for dim, perm in enumerate(Growable.PERMS):
         if perm in parts:  # weight[i] = assembled[perm[i]], so assembled[j] = weight[argsort(perm)[j]]
             grad = grad.index_select(dim, parts[perm].argsort())
-    grads = {}
-    for name in reversed([n for n in names if n not in Growable.PERMS][1:]):  # peel the strips off, last first
-        if name.endswith("_cols"):
-            grads[name], grad = grad[:, -parts[name].shape[1]:], grad[:, :-parts[name].shape[1]]
-        else:
-            grads[name], grad = grad[-parts[name].shape[0]:], grad[:-parts[name].shape[0]]
-    grads[names[0]] = grad
+    grads = {name: grad[rows, cols] for name, rows, cols in block_places(names, tensors)}
     return [grads.get(n) for n in names]
 
 
@@ -112,19 +125,10 @@ def place_blocks(out, names, tensors):
     """Write a Growable's weight into out: each block copied into its place, cast to out's dtype on the way, then
     the permutations applied (weight = assembled[row_perm]), which alone take another pass."""
     parts = dict(zip(names, tensors))
-    perms = {dim: parts.pop(name) for dim, name in enumerate(Growable.PERMS) if name in parts}
+    perms = {dim: parts[name] for dim, name in enumerate(Growable.PERMS) if name in parts}
     assembled = torch.empty_like(out) if perms else out
-    rows = cols = 0
-    for name, t in parts.items():
-        if name.endswith("_cols"):  # new input columns of the rows so far
-            assembled[:t.shape[0], cols:cols + t.shape[1]].copy_(t)
-            cols += t.shape[1]
-        elif name.endswith("_rows"):  # new output rows across every column so far
-            assembled[rows:rows + t.shape[0], :t.shape[1]].copy_(t)
-            rows += t.shape[0]
-        else:
-            assembled[:t.shape[0], :t.shape[1]].copy_(t)
-            rows, cols = t.shape
+    for name, rows, cols in block_places(names, tensors):
+        assembled[rows, cols].copy_(parts[name])
     if perms:
         for dim, perm in perms.items():
             assembled = assembled.index_select(dim, perm)
