@@ -23,6 +23,7 @@ block into one folds it in and drops it.
 """
 
 import errno
+import functools
 import math
 import os
 import re
@@ -80,59 +81,32 @@ def weight_from_parts(names, tensors):
     return w
 
 
-def block_places(names, tensors):
-    """(name, rows, cols) of each block of a 2-D Growable's parts, the slices where it sits in the assembled weight:
-    growth's rule, a `_cols` strip to the right of the rows so far, a `_rows` strip below, across every column."""
-    places, rows, cols = [], 0, 0
-    for name, t in zip(names, tensors):
-        if name in Growable.PERMS:
-            continue
-        if name.endswith("_cols"):
-            places.append((name, slice(0, t.shape[0]), slice(cols, cols + t.shape[1])))
-            cols += t.shape[1]
-        elif name.endswith("_rows"):
-            places.append((name, slice(rows, rows + t.shape[0]), slice(0, t.shape[1])))
-            rows += t.shape[0]
-        else:
-            places.append((name, slice(0, t.shape[0]), slice(0, t.shape[1])))
-            rows, cols = t.shape
-    return places
-
-
-def grads_from_parts(names, tensors, grad):
-    """The inverse of weight_from_parts for a gradient: grad (out, in) of the weight split into one per block
-    (views), None for the permutations."""
-    parts = dict(zip(names, tensors))
-    for dim, perm in enumerate(Growable.PERMS):
-        if perm in parts:  # weight[i] = assembled[perm[i]], so assembled[j] = weight[argsort(perm)[j]]
-            grad = grad.index_select(dim, parts[perm].argsort())
-    grads = {name: grad[rows, cols] for name, rows, cols in block_places(names, tensors)}
-    return [grads.get(n) for n in names]
-
-
-def growables(layout, parts):
-    """(names, tensors) of each Growable in weight_matmul's layout ('g0,g1_cols,row_perm;g0': the names of each one's
-    parts, ';' between them) and flat list of parts."""
-    out, start = [], 0
+@functools.lru_cache(maxsize=None)
+def stacking(layout, shapes):
+    """Where stacked_weight puts the parts of a layout ('g0,g1_cols,row_perm;g0': each Growable's part names, ';'
+    between them) of these shapes: ((rows, cols) of the stack, one (rows in the stack, blocks, perms) per Growable),
+    a block (part index, rows, cols) in its weight, perms {dim: part index}. Growth's rule: a `_cols` strip to the
+    right of the rows so far, a `_rows` strip below them across every column. Cached: a model has few layouts."""
+    weights, index, top = [], 0, 0
     for names in layout.split(";"):
-        names = tuple(names.split(","))
-        out.append((names, parts[start:start + len(names)]))
-        start += len(names)
-    return out
-
-
-def place_blocks(out, names, tensors):
-    """Write a Growable's weight into out: each block copied into its place, cast to out's dtype on the way, then
-    the permutations applied (weight = assembled[row_perm]), which alone take another pass."""
-    parts = dict(zip(names, tensors))
-    perms = {dim: parts[name] for dim, name in enumerate(Growable.PERMS) if name in parts}
-    assembled = torch.empty_like(out) if perms else out
-    for name, rows, cols in block_places(names, tensors):
-        assembled[rows, cols].copy_(parts[name])
-    if perms:
-        for dim, perm in perms.items():
-            assembled = assembled.index_select(dim, perm)
-        out.copy_(assembled)
+        blocks, perms, rows, cols = [], {}, 0, 0
+        for name in names.split(","):
+            height, width = shapes[index] if len(shapes[index]) == 2 else (0, 0)  # a permutation is 1-D
+            if name in Growable.PERMS:
+                perms[Growable.PERMS.index(name)] = index
+            elif name.endswith("_cols"):
+                blocks.append((index, slice(0, height), slice(cols, cols + width)))
+                cols += width
+            elif name.endswith("_rows"):
+                blocks.append((index, slice(rows, rows + height), slice(0, width)))
+                rows += height
+            else:
+                blocks.append((index, slice(0, height), slice(0, width)))
+                rows, cols = height, width
+            index += 1
+        weights.append((slice(top, top + rows), blocks, perms))
+        top += rows
+    return (top, cols), weights
 
 
 def stored_back_to_back(weights):
@@ -150,22 +124,38 @@ def stacked_weight(layout, parts, dtype):
     """The Growables' weights stacked by rows, (sum of out, in), in dtype. A weight of one block is used where it
     lies (cast if need be), and several as a view where they follow one another in one storage; otherwise every
     block is cast as it is copied into its place: one pass over the weights, whatever the number of blocks (two
-    for a permuted one)."""
-    weights = growables(layout, parts)
-    if all(len(names) == 1 for names, _ in weights):
-        blocks = [tensors[0] for _, tensors in weights]
-        if len(blocks) == 1:
-            return blocks[0].to(dtype)
-        if all(b.dtype == dtype for b in blocks) and stored_back_to_back(blocks):
-            cols = blocks[0].shape[1]
-            return blocks[0].as_strided((sum(len(b) for b in blocks), cols), (cols, 1))
-    shapes = [parts_shape(*w) for w in weights]
-    out = torch.empty(sum(s[0] for s in shapes), shapes[0][1], dtype=dtype, device=parts[0].device)
-    row = 0
-    for (names, tensors), shape in zip(weights, shapes):
-        place_blocks(out[row:row + shape[0]], names, tensors)
-        row += shape[0]
+    for a permuted one: weight = assembled[row_perm])."""
+    shape, weights = stacking(layout, tuple(p.shape for p in parts))
+    if all(len(blocks) == 1 and not perms for _, blocks, perms in weights):
+        singles = [parts[blocks[0][0]] for _, blocks, _ in weights]
+        if len(singles) == 1:
+            return singles[0].to(dtype)
+        if all(w.dtype == dtype for w in singles):  # nothing to cast
+            return singles[0].as_strided(shape, (shape[1], 1)) if stored_back_to_back(singles) else torch.cat(singles)
+    out = torch.empty(shape, dtype=dtype, device=parts[0].device)
+    for rows, blocks, perms in weights:
+        assembled = torch.empty_like(out[rows]) if perms else out[rows]
+        for i, block_rows, block_cols in blocks:
+            assembled[block_rows, block_cols].copy_(parts[i])
+        for dim, i in perms.items():
+            assembled = assembled.index_select(dim, parts[i])
+        if perms:
+            out[rows] = assembled
     return out
+
+
+def stacked_grads(layout, parts, grad_w):
+    """The inverse of stacked_weight for its gradient (out, in): one per part (views of grad_w unless permuted),
+    None for the permutations."""
+    grads = [None] * len(parts)
+    plan = stacking.__wrapped__ if torch.compiler.is_compiling() else stacking  # dynamo warns of a traced cache
+    for rows, blocks, perms in plan(layout, tuple(p.shape for p in parts))[1]:
+        grad = grad_w[rows]
+        for dim, i in perms.items():  # weight[i] = assembled[perm[i]], so assembled[j] = weight[argsort(perm)[j]]
+            grad = grad.index_select(dim, parts[i].argsort())
+        for i, block_rows, block_cols in blocks:
+            grads[i] = grad[block_rows, block_cols]
+    return grads
 
 
 def weight_matmul_impl(a: torch.Tensor, parts: list[torch.Tensor], layout: str, transposed: bool) -> torch.Tensor:
@@ -183,8 +173,8 @@ weight_matmul_op = torch.library.custom_op("growing_llama::weight_matmul", weigh
 def weight_matmul_shape(a, parts, layout, transposed):
     """The output's shape and dtype, for torch.compile's tracing (reading a fake tensor's data_ptr, as
     stored_back_to_back does, is an error)."""
-    shapes = [parts_shape(*g) for g in growables(layout, parts)]  # (out, in) each, one in
-    return a.new_empty(*a.shape[:-1], sum(s[0] for s in shapes) if transposed else shapes[0][1])
+    rows, cols = stacking(layout, tuple(p.shape for p in parts))[0]
+    return a.new_empty(*a.shape[:-1], rows if transposed else cols)
 
 
 def weight_matmul(a, parts, layout, transposed):
@@ -210,9 +200,7 @@ class GrowableLinear(torch.autograd.Function):
         if not any(ctx.needs_input_grad[2:]):  # frozen weights: no weight GEMM
             return grad_x, None, *(None for _ in parts)
         grad_w = grad.flatten(0, -2).t() @ x.flatten(0, -2)  # (out, in), like W
-        weights = growables(ctx.layout, parts)
-        rows = grad_w.split_with_sizes([parts_shape(names, tensors)[0] for names, tensors in weights])
-        grads = [g for (names, tensors), gw in zip(weights, rows) for g in grads_from_parts(names, tensors, gw)]
+        grads = stacked_grads(ctx.layout, parts, grad_w)
         return grad_x, None, *(g if g is None else g.to(p.dtype) for g, p in zip(grads, parts))
 
 
@@ -223,6 +211,8 @@ def linear(x, *weights):
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
     layout, flat = ";".join(",".join(n) for n in names), [t for p in parts for t in p]
+    if len(flat) == 1 and flat[0].dtype == x.dtype:  # one block in x's dtype: F.linear saves the parameter itself
+        return F.linear(x, flat[0])
     if not torch.is_grad_enabled():  # nothing to save (sampling, eval); dynamo cannot trace the Function here
         return weight_matmul(x, flat, layout, True)
     return GrowableLinear.apply(x, layout, *flat)
