@@ -173,7 +173,7 @@ weight_matmul_op = torch.library.custom_op("growing_llama::weight_matmul", weigh
 def weight_matmul_shape(a, parts, layout, transposed):
     """The output's shape and dtype, for torch.compile's tracing (reading a fake tensor's data_ptr, as
     stored_back_to_back does, is an error)."""
-    rows, cols = stacking(layout, tuple(p.shape for p in parts))[0]
+    rows, cols = stacking.__wrapped__(layout, tuple(p.shape for p in parts))[0]  # symbolic sizes do not hash
     return a.new_empty(*a.shape[:-1], rows if transposed else cols)
 
 
