@@ -210,9 +210,10 @@ def linear(x, *weights):
     names, parts = zip(*(g.parts() for g in weights))
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    layout, flat = ";".join(",".join(n) for n in names), [t for p in parts for t in p]
+    flat = [t for p in parts for t in p]
     if len(flat) == 1 and flat[0].dtype == x.dtype:  # one block in x's dtype: F.linear saves the parameter itself
         return F.linear(x, flat[0])
+    layout = ";".join(",".join(n) for n in names)
     if not torch.is_grad_enabled():  # nothing to save (sampling, eval); dynamo cannot trace the Function here
         return weight_matmul(x, flat, layout, True)
     return GrowableLinear.apply(x, layout, *flat)
@@ -561,9 +562,9 @@ class GPT(nn.Module):
         copying them together for every token (stacked_weight). Values, names and state dict stay the same."""
         for layer in self.layers:
             for stack in ((layer.attn.wq, layer.attn.wk, layer.attn.wv), (layer.ffn.w1, layer.ffn.w3)):
-                blocks = [next(iter(g._parameters.values())) for g in stack]
                 if any(len(g._parameters) > 1 or g.row_perm is not None or g.col_perm is not None for g in stack):
                     raise ValueError("join_stacked_weights needs one block per weight: condense the model first")
+                blocks = [next(iter(g._parameters.values())) for g in stack]
                 joined = torch.cat(blocks)
                 for p, rows in zip(blocks, joined.split([len(p) for p in blocks])):
                     p.data = rows
