@@ -193,6 +193,14 @@ def runs(regime, seeds):
     return out
 
 
+def with_parents(names, everything):
+    """names and every run they grow or branch from, however far back (checkpoints do not travel: they run again)."""
+    chosen = set(names)
+    while parents := {everything[n][1] for n in chosen if everything[n][1]} - chosen:
+        chosen |= parents
+    return chosen
+
+
 def log_copy(name):
     return os.path.join(LOGS, name.replace("/", "__") + ".jsonl")
 
@@ -416,9 +424,7 @@ def print_todo(wanted):
     for regime, prefixes in wanted.items():
         r = REGIMES[regime]
         everything = runs(regime, SEEDS[:r["seeds"]])
-        chosen = {n for n in everything if any(n.startswith(p) for p in prefixes)}
-        while parents := {everything[n][1] for n in chosen if everything[n][1]} - chosen:  # checkpoints do not travel
-            chosen |= parents
+        chosen = with_parents({n for n in everything if any(n.startswith(p) for p in prefixes)}, everything)
         flops = sum(int(next(a for a in args if a.startswith("--max_iters="))[len("--max_iters="):])
                     * flops_per_iter(args[0], args[1:]) for args, _ in (everything[n] for n in chosen))
         budget = r["scratch_iters"] * flops_per_iter(r["final"])
@@ -513,12 +519,8 @@ if __name__ == "__main__":
         chosen = {n: v for n, v in everything.items() if any(n.startswith(w) for w in words)}
         if not chosen:
             raise SystemExit(f"no run is named or starts with {words}; see `python experiment.py list`")
-        while True:  # with the runs they start from
-            parents = {p for _, p in chosen.values() if p and p not in chosen}
-            if not parents:
-                break
-            chosen.update({p: everything[p] for p in parents})
-        run({n: chosen[n] for n in everything if n in chosen}, extra, int(ours.get("jobs", 1)))
+        chosen = with_parents(chosen, everything)
+        run({n: everything[n] for n in everything if n in chosen}, extra, int(ours.get("jobs", 1)))
     elif cmd == "report":
         report(os.path.join(os.path.dirname(LOGS.rstrip("/")), "study"))  # beside the logs' folder
     elif cmd == "todo":
