@@ -11,6 +11,6 @@ n_layer, n_head, head_dim, ffn_hidden, block_size = 16, 8, 128, 2816, 2048
 batch_size, grad_accum_steps = 32, 8  # 0.5M tokens per iteration on 8 GPUs or 1 (accumulating); micro-batch 32: fewer launches per token (README, Speed)
 max_iters = 2000
 learning_rate, min_lr, warmup_iters = 6e-04, 6e-05, 100  # WSD: warm up, then hold
-lr_mult = 2.0  # the new generation at twice the old ones' peak (the study's best)
+lr_mult = 2.0  # the new generation at twice the old ones' peak (part of the study's best recipe)
 eval_interval, eval_windows, log_interval = 250, 160, 10
 compile = True
