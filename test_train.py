@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -605,6 +606,13 @@ def test_write_checkpoints_false_logs_but_writes_no_checkpoint(data, tmp_path):
                 "--write_checkpoints=False")
     assert [e["iter"] for e in log if e["event"] == "eval"] == [0, 3]
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_cpu_run_prints_no_mfu_or_gpu_memory(data, tmp_path):
+    r = run("config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, "--max_iters=2", "--log_interval=1",
+            f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "tok/s" in r.stdout and not re.search(r"mfu \d|MFU against|peak mem", r.stdout), r.stdout
 
 
 def test_resuming_with_another_batch_says_so(ladder, data, tmp_path):

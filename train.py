@@ -540,7 +540,8 @@ def log_event(event):
 flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 log(f"{raw_model.get_num_params():,} parameters, generations {raw_model.generations()}, "
     f"{tokens_per_iter:,} tokens/iter, {flops_per_iter / tokens_per_iter / 1e6:.1f} MFLOPs/token "
-    f"(6N + causal attention); MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}) per GPU")
+    f"(6N + causal attention)" + (f"; MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}) per GPU"
+                                  if device_type == "cuda" else ""))  # the CPU log shows no MFU
 
 if parent is not None:  # function preservation in practice: the parent's tier, restricted, then this tier
     pc = parent["config"]
