@@ -106,6 +106,12 @@ MORE_STAGES = {
                ("final", NEW2X, None)],
     "even4": [("small", TINY_C, 0.625), ("small", [*NEW2X, *MID_C], 0.625), ("small", [*NEW2X, *SHORT], 0.625),
               ("final", [*NEW2X, *SHORT], 0.625)],
+    # between the two (measured: even4 0.46 x 1.50, steps4 0.75 x 1.045): a longer last stage after even4's
+    # three (cost 0.49, 1.02 passes), and 200 iterations of each small shape before 400 of the last (0.57, 0.98)
+    "even4_300": [("small", TINY_C, 0.625), ("small", [*NEW2X, *MID_C], 0.625), ("small", [*NEW2X, *SHORT], 0.625),
+                  ("final", [*NEW2X, *SHORT], 0.75)],
+    "tilt4": [("small", TINY_C, 0.5), ("small", [*NEW2X, *MID_C], 0.5), ("small", [*NEW2X, *SHORT], 0.5),
+              ("final", [*NEW2X, *SHORT], 1)],
 }
 
 REGIMES["c"]["ladders"] = {**LADDERS, **MORE_STAGES}

@@ -93,6 +93,6 @@ def test_todo_asks_for_what_the_protocol_lacks():
                "candidates": {f"c/{v}": {"flops_ratio": {"mean": x}} for v, x in
                               (("new2x", 0.86), ("ref", 0.91), ("old0.5", 0.95), ("late", 0.97), ("cosine", 1.1))}}
     want = experiment.todo(results, names)["c"]
-    assert set(want) == {"c/steps4/s1337/", "c/even4/s1337/", "c/scratch_lr0.002/s7/",
+    assert set(want) == {*(f"c/{v}/s1337/" for v in experiment.MORE_STAGES), "c/scratch_lr0.002/s7/",
                          *(f"c/{v}/s{s}/" for v in ("ref", "old0.5") for s in (2024, 7))}
     assert experiment.todo(results, names)["t"][:3] == [f"t/scratch_lr{lr:g}/s1337/" for lr in (5e-4, 1e-3, 2e-3)]
