@@ -101,17 +101,22 @@ LADDERS = {
 SHORT = ["--warmup_iters=25"]
 TINY_C = ["--n_layer=4", "--n_head=2", "--ffn_hidden=768", *SHORT]  # 0.11 of the final shape's FLOPs per token
 MID_C = ["--n_layer=5", "--n_head=3", "--ffn_hidden=1024", *SHORT]  # 0.24
+
+
+def four_shapes(tiny, mid, small, last, last_args=(*NEW2X, *SHORT)):
+    """5.5M, 12.0M and 24.6M for these multiples of s1_iters, each new generation at 2x, then the final shape for
+    `last` (None: the rest of scratch's FLOPs). Ladders with the same first stages share their runs."""
+    return [("small", TINY_C, tiny), ("small", [*NEW2X, *MID_C], mid), ("small", [*NEW2X, *SHORT], small),
+            ("final", list(last_args), last)]
+
+
 MORE_STAGES = {
-    "steps4": [("small", TINY_C, 0.25), ("small", [*NEW2X, *MID_C], 0.25), ("small", [*NEW2X, *SHORT], 0.5),
-               ("final", NEW2X, None)],
-    "even4": [("small", TINY_C, 0.625), ("small", [*NEW2X, *MID_C], 0.625), ("small", [*NEW2X, *SHORT], 0.625),
-              ("final", [*NEW2X, *SHORT], 0.625)],
+    "steps4": four_shapes(0.25, 0.25, 0.5, None, last_args=NEW2X),  # a long last stage: the configs' warmup
+    "even4": four_shapes(0.625, 0.625, 0.625, 0.625),
     # between the two (measured: even4 0.46 x 1.50, steps4 0.75 x 1.045): a longer last stage after even4's
     # three (cost 0.49, 1.02 passes), and 200 iterations of each small shape before 400 of the last (0.57, 0.98)
-    "even4_300": [("small", TINY_C, 0.625), ("small", [*NEW2X, *MID_C], 0.625), ("small", [*NEW2X, *SHORT], 0.625),
-                  ("final", [*NEW2X, *SHORT], 0.75)],
-    "tilt4": [("small", TINY_C, 0.5), ("small", [*NEW2X, *MID_C], 0.5), ("small", [*NEW2X, *SHORT], 0.5),
-              ("final", [*NEW2X, *SHORT], 1)],
+    "even4_300": four_shapes(0.625, 0.625, 0.625, 0.75),
+    "tilt4": four_shapes(0.5, 0.5, 0.5, 1),
 }
 
 REGIMES["c"]["ladders"] = {**LADDERS, **MORE_STAGES}
