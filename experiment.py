@@ -207,6 +207,11 @@ def runs(regime, seeds):
     return out
 
 
+def job_limit(names, jobs):
+    """How many of these runs may go at once: jobs, or fewer where a regime's runs would not fit the GPU together."""
+    return min([jobs] + [REGIMES[parse(n)[0]].get("max_jobs", jobs) for n in names])
+
+
 def with_parents(names, everything):
     """names and every run they grow or branch from, however far back (checkpoints do not travel: they run again)."""
     chosen = set(names)
@@ -536,8 +541,7 @@ if __name__ == "__main__":
         if not chosen:
             raise SystemExit(f"no run is named or starts with {words}; see `python experiment.py list`")
         chosen = with_parents(chosen, everything)
-        jobs = min([int(ours.get("jobs", 1))] + [REGIMES[parse(n)[0]].get("max_jobs", math.inf) for n in chosen])
-        run({n: everything[n] for n in everything if n in chosen}, extra, jobs)
+        run({n: everything[n] for n in everything if n in chosen}, extra, job_limit(chosen, int(ours.get("jobs", 1))))
     elif cmd == "report":
         report(os.path.join(os.path.dirname(LOGS.rstrip("/")), "study"))  # beside the logs' folder
     elif cmd == "todo":

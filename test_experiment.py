@@ -96,3 +96,10 @@ def test_todo_asks_for_what_the_protocol_lacks():
     assert set(want) == {*(f"c/{v}/s1337/" for v in experiment.MORE_STAGES), "c/scratch_lr0.002/s7/",
                          *(f"c/{v}/s{s}/" for v in ("ref", "old0.5") for s in (2024, 7))}
     assert experiment.todo(results, names)["t"][:3] == [f"t/scratch_lr{lr:g}/s1337/" for lr in (5e-4, 1e-3, 2e-3)]
+
+
+def test_a_regime_of_large_runs_caps_how_many_go_at_once():
+    import experiment
+    assert experiment.job_limit({"c/ref/s1337/s1", "c/ref/s1337/s2"}, 5) == 5
+    assert experiment.job_limit({"c/ref/s1337/s1", "t/ref/s1337/s1"}, 5) == experiment.REGIMES["t"]["max_jobs"] == 3
+    assert experiment.job_limit({"t/ref/s1337/s1"}, 2) == 2
