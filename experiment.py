@@ -55,7 +55,7 @@ REGIMES = {
         final="config/exp_stage3.py", mid="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=1984,
         branches=4, lrs=(5e-4, 1e-3, 2e-3), s1_iters=1500, common=["--eval_interval=100"],
         seeds=2, within=0.0, seeded=(),  # 2 seeds for scratch and the best ladder
-        max_jobs=3,  # a run holds 37-53 GB on the H200 (140 GB): five at once ran out of memory
+        max_jobs=2,  # a run holds 36-53 GiB on the H200 (140): its four branches at once ran out of memory
         ladders={"ref": [("small", [], 1), ("mid", GROW, 1300 / 1500), ("final", GROW, None)],
                  "new2x": [("small", [], 1), ("mid", NEW2X, 1300 / 1500), ("final", NEW2X, None)],
                  # regime c's best timing: every shape the same iterations (800 each: cost per token 0.55)
@@ -116,7 +116,7 @@ def four_shapes(tiny, mid, small, last, last_args=(*NEW2X, *SHORT)):
 MORE_STAGES = {
     "steps4": four_shapes(0.25, 0.25, 0.5, None, last_args=NEW2X),  # a long last stage: the configs' warmup
     "even4": four_shapes(0.625, 0.625, 0.625, 0.625),
-    # between the two (measured: even4 0.46 x 1.50, steps4 0.75 x 1.045): a longer last stage after even4's
+    # between the two (measured: even4 0.46 x 1.50, steps4 0.75 x 1.04): a longer last stage after even4's
     # three (cost 0.49, 1.02 passes), and 200 iterations of each small shape before 400 of the last (0.57, 0.98)
     "even4_300": four_shapes(0.625, 0.625, 0.625, 0.75),
     "tilt4": four_shapes(0.5, 0.5, 0.5, 1),
@@ -492,6 +492,8 @@ def plot(regime, results, png):
     ax.plot(fr[:, 0], fr[:, 1], "k-o", label=f"scratch frontier ({r['scratch_best']}, cooldown branches)")
     for pts in r["frontier_seeds"].values():
         ax.plot([p["flops"] for p in pts], [p["bpb"] for p in pts], "k.", alpha=0.4)
+    stable = curve([f"{regime}/{r['scratch_best']}/s{SEEDS[0]}/stable"])  # what the branches cool down from
+    ax.plot(stable[:, 0], stable[:, 1], "k--", alpha=0.4, label=f"its stable run (no cooldown), seed {SEEDS[0]}")
     cands = {k.split("/", 1)[1]: v for k, v in results["candidates"].items() if k.startswith(f"{regime}/")}
     # the best of the most-seeded candidates: one seed's lead is within the seed range
     best = min(cands, key=lambda v: (-len(cands[v]["seeds"]), cands[v]["flops_ratio"]["mean"])) if cands else None
@@ -503,7 +505,7 @@ def plot(regime, results, png):
         c = curve(stage_chain(last))
         ax.plot(c[:, 0], c[:, 1], color=color, marker=".",
                 label=f"ladder {variant} (FLOPs ratio {cands[variant]['flops_ratio']['mean']:.2f}, "
-                      f"{len(cands[variant]['seeds'])} seeds)")
+                      f"seeds {','.join(map(str, cands[variant]['seeds']))})")
     lows = [fr[:, 1].min()] + [c["val_bpb"]["min"] for c in cands.values()]
     ax.set_ylim(min(lows) - 0.03, fr[:, 1].max() + 0.25)
     ax.set_xscale("log")
