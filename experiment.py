@@ -58,8 +58,10 @@ REGIMES = {
         max_jobs=2,  # a run holds 36-53 GiB on the H200 (140): its four branches at once ran out of memory
         ladders={"ref": [("small", [], 1), ("mid", GROW, 1300 / 1500), ("final", GROW, None)],
                  "new2x": [("small", [], 1), ("mid", NEW2X, 1300 / 1500), ("final", NEW2X, None)],
-                 # regime c's best timing: every shape the same iterations (800 each: cost per token 0.55)
-                 "even3": [("small", [], 800 / 1500), ("mid", NEW2X, 800 / 1500), ("final", NEW2X, 800 / 1500)]}),
+                 # regime c's two best timings: every shape the same iterations (800 each: cost per token 0.55), and
+                 # short small stages before the final shape on the rest of the budget (500, 500, 1661: 0.75)
+                 "even3": [("small", [], 800 / 1500), ("mid", NEW2X, 800 / 1500), ("final", NEW2X, 800 / 1500)],
+                 "steps3": [("small", [], 500 / 1500), ("mid", NEW2X, 500 / 1500), ("final", NEW2X, None)]}),
 }
 # Ladder variants: each a list of stages (small or final shape, overrides, iterations as a multiple of the
 # regime's s1_iters, or None: what is left of scratch's budget in FLOPs); the last stage trains the final
