@@ -9,7 +9,8 @@ every ladder measured against it.
 
 A run name is regime/variant/s<seed>/<part>; `run` takes whole names or prefixes (c/ref, c/ref/s1337).
 Runs go JOBS at a time (at most the regime's max_jobs) on one GPU (small models leave it idle between kernels; more GPUs: one
-`run` per GPU with CUDA_VISIBLE_DEVICES), each as soon as the run it grows or branches from is done.
+`run` per GPU with CUDA_VISIBLE_DEVICES), each as soon as the run it grows from is done, or the snapshot it
+branches from is written.
 A finished run's log.jsonl is copied to assets/study/, and the report reads only those copies, so it
 rebuilds from the repository alone.
 
@@ -255,18 +256,27 @@ def start_iter(events):
     return first["iter"] if first["event"] in ("grow", "branch") else 0
 
 
+def can_start(args, parent, waiting, running):
+    """Once the run it starts from is done; a branch as soon as the snapshot it branches from is on disk (its stable
+    run writes it atomically and goes on, and clears its folder when it starts: a snapshot there is this run's)."""
+    snapshot = next((a.split("=", 1)[1] for a in args if a.startswith("--branch_from=")), None)
+    return parent not in waiting and (parent not in running or snapshot is not None and os.path.exists(snapshot))
+
+
 def run(names, extra, jobs):
-    """Run the named runs (and what they start from), `jobs` at a time, each once its parent is done."""
+    """Run the named runs (and what they start from), `jobs` at a time, each once its parent is done (a branch:
+    once its snapshot is written)."""
     todo = dict(names)
     waiting, running, failed = dict(todo), {}, []
     while waiting or running:
         for name, (args, parent) in list(waiting.items()):
             if len(running) >= jobs:
                 break
-            if parent in waiting or parent in running or parent in failed:
-                if parent in failed:
-                    failed.append(name)
-                    del waiting[name]
+            if parent in failed:
+                failed.append(name)
+                del waiting[name]
+                continue
+            if not can_start(args, parent, waiting, running):
                 continue
             del waiting[name]
             if finished(name, args):

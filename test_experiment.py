@@ -103,3 +103,16 @@ def test_a_regime_of_large_runs_caps_how_many_go_at_once():
     assert experiment.job_limit({"c/ref/s1337/s1", "c/ref/s1337/s2"}, 5) == 5
     assert experiment.job_limit({"c/ref/s1337/s1", "t/ref/s1337/s1"}, 5) == experiment.REGIMES["t"]["max_jobs"] == 2
     assert experiment.job_limit({"t/ref/s1337/s1"}, 2) == 2
+
+
+def test_a_branch_starts_once_its_snapshot_is_written_while_its_stable_run_goes_on(tmp_path):
+    import experiment
+    snapshot = tmp_path / "ckpt_200.pt"
+    branch, grown = [f"--branch_from={snapshot}", "--max_iters=40"], [f"--grow_from={tmp_path}/ckpt.pt"]
+    assert not experiment.can_start(branch, "stable", {}, {"stable": None})  # running, snapshot not yet written
+    assert not experiment.can_start(grown, "s1", {}, {"s1": None})
+    snapshot.write_bytes(b"")
+    assert experiment.can_start(branch, "stable", {}, {"stable": None})
+    assert not experiment.can_start(grown, "s1", {}, {"s1": None})  # a growth waits for its parent's end
+    assert not experiment.can_start(branch, "stable", {"stable": None}, {})  # not started: an older run's file
+    assert experiment.can_start(branch, "stable", {}, {}) and experiment.can_start(grown, None, {}, {})
