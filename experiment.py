@@ -8,9 +8,9 @@ every ladder measured against it.
     python experiment.py todo                                # what the protocol still asks for, and its FLOPs
 
 A run name is regime/variant/s<seed>/<part>; `run` takes whole names or prefixes (c/ref, c/ref/s1337).
-Runs go JOBS at a time (at most the regime's max_jobs) on one GPU (small models leave it idle between kernels; more GPUs: one
-`run` per GPU with CUDA_VISIBLE_DEVICES), each as soon as the run it grows from is done, or the snapshot it
-branches from is written.
+Runs go JOBS at a time (at most the regime's max_jobs) on one GPU (small models leave it idle between
+kernels; more GPUs: one `run` per GPU with CUDA_VISIBLE_DEVICES), each as soon as the run it grows from
+is done, or the snapshot it branches from is written.
 A finished run's log.jsonl is copied to assets/study/, and the report reads only those copies, so it
 rebuilds from the repository alone.
 
