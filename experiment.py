@@ -62,7 +62,12 @@ REGIMES = {
                  # regime c's two best timings: every shape the same iterations (800 each: cost per token 0.55), and
                  # short small stages before the final shape on the rest of the budget (500, 500, 1661: 0.75)
                  "even3": [("small", [], 800 / 1500), ("mid", NEW2X, 800 / 1500), ("final", NEW2X, 800 / 1500)],
-                 "steps3": [("small", [], 500 / 1500), ("mid", NEW2X, 500 / 1500), ("final", NEW2X, None)]}),
+                 "steps3": [("small", [], 500 / 1500), ("mid", NEW2X, 500 / 1500), ("final", NEW2X, None)],
+                 # new2x's last growth also takes the vocabulary from 8192 to 32000, and its 134.1M stage needs 300 of
+                 # its 1101 iterations to get back to the parent's bpb (1.9988 after growth, 1.3924 at 300): the tier
+                 # change one growth earlier, on the mid shape
+                 "tiers_mid": [("small", [], 1), ("mid", [*NEW2X, "--vocab_size={v_final}", "--data_dir={tier_final}"],
+                                                  1300 / 1500), ("final", NEW2X, None)]}),
 }
 # Ladder variants: each a list of stages (small or final shape, overrides, iterations as a multiple of the
 # regime's s1_iters, or None: what is left of scratch's budget in FLOPs); the last stage trains the final
