@@ -12,7 +12,7 @@ Runs go JOBS at a time (at most the regime's max_jobs) on one GPU (small models 
 kernels; more GPUs: one `run` per GPU with CUDA_VISIBLE_DEVICES), each as soon as the run it grows from
 is done, or the snapshot it branches from is written.
 A finished run's log.jsonl is copied to assets/study/, and the report reads only those copies, so it
-rebuilds from the repository alone.
+rebuilds from the repository alone; a run logged there runs again only as the parent of one that is not.
 
 Scratch: a stable WSD run (no cooldown) at each peak LR, with snapshots at 1/4, 2/4, 3/4 and all of
 its budget (halves for the tiny regime); from each, a branch cools down for 20% more iterations. The branches' final evals are the
@@ -226,6 +226,12 @@ def with_parents(names, everything):
     while parents := {everything[n][1] for n in chosen if everything[n][1]} - chosen:
         chosen |= parents
     return chosen
+
+
+def to_run(names, everything):
+    """Of names, those the study has no log of, and every run they grow or branch from, logged or not (its checkpoint
+    did not travel: it runs again, and its new log goes to the reruns)."""
+    return with_parents({n for n in names if not os.path.exists(log_copy(n))}, everything)
 
 
 def log_copy(name):
@@ -460,7 +466,7 @@ def print_todo(wanted):
     for regime, prefixes in wanted.items():
         r = REGIMES[regime]
         everything = runs(regime, SEEDS[:r["seeds"]])
-        chosen = with_parents({n for n in everything if any(n.startswith(p) for p in prefixes)}, everything)
+        chosen = to_run({n for n in everything if any(n.startswith(p) for p in prefixes)}, everything)
         flops = sum(int(next(a for a in args if a.startswith("--max_iters="))[len("--max_iters="):])
                     * flops_per_iter(args[0], args[1:]) for args, _ in (everything[n] for n in chosen))
         budget = r["scratch_iters"] * flops_per_iter(r["final"])
@@ -559,8 +565,10 @@ if __name__ == "__main__":
         chosen = {n: v for n, v in everything.items() if any(n.startswith(w) for w in words)}
         if not chosen:
             raise SystemExit(f"no run is named or starts with {words}; see `python experiment.py list`")
-        chosen = with_parents(chosen, everything)
-        run({n: everything[n] for n in everything if n in chosen}, extra, job_limit(chosen, int(ours.get("jobs", 1))))
+        needed = to_run(chosen, everything)
+        for name in sorted(set(chosen) - needed):
+            print(f"done already: {name} (its log is in {LOGS})")
+        run({n: everything[n] for n in everything if n in needed}, extra, job_limit(needed, int(ours.get("jobs", 1))))
     elif cmd == "report":
         report(os.path.join(os.path.dirname(LOGS.rstrip("/")), "study"))  # beside the logs' folder
     elif cmd == "todo":

@@ -67,16 +67,24 @@ def test_a_finished_run_is_not_run_again(study):
     assert out.count("done already") == 2 and "start" not in out
 
 
-def test_a_run_done_again_keeps_the_first_log_and_files_the_new_one_as_a_rerun(study):
-    # a later device call re-runs a parent whose checkpoint did not travel: the study keeps the log its
-    # children grew from
+def test_a_logged_run_runs_again_only_as_the_parent_of_one_that_is_not(study):
+    # a later device call: no checkpoint travelled. A logged run that nothing needs is not run again; the parent
+    # of a missing run is, and the study keeps the log its children grew from, the new one filed as a rerun
     import shutil
-    shutil.rmtree(study / "out" / "study" / "tiny" / "ref" / "s1337" / "s1")
-    first = (study / "assets" / "study" / "tiny__ref__s1337__s1.jsonl").read_text()
-    experiment(study, "run", "tiny/ref/s1337/s1", "--jobs=1", f"--tokenizer={LLAMA2}", "--compile=False")
-    assert (study / "assets" / "study" / "tiny__ref__s1337__s1.jsonl").read_text() == first
+    for part in ("s1", "s2"):
+        shutil.rmtree(study / "out" / "study" / "tiny" / "ref" / "s1337" / part)
+    args = ("--jobs=1", f"--tokenizer={LLAMA2}", "--compile=False")
+    out = experiment(study, "run", "tiny/ref/s1337/s1", *args)
+    assert "done already: tiny/ref/s1337/s1" in out and "start" not in out
+    logs = study / "assets" / "study"
+    first = (logs / "tiny__ref__s1337__s1.jsonl").read_text()
+    (logs / "tiny__ref__s1337__s2.jsonl").unlink()
+    out = experiment(study, "run", "tiny/ref/s1337/s2", *args)
+    assert "start tiny/ref/s1337/s1:" in out and "start tiny/ref/s1337/s2:" in out
+    assert (logs / "tiny__ref__s1337__s1.jsonl").read_text() == first
     rerun = study / "assets" / "study_reruns" / "tiny__ref__s1337__s1__rerun1.jsonl"
     assert rerun.exists() and json.loads(rerun.read_text().splitlines()[-1])["event"] == "eval"
+    assert json.loads((logs / "tiny__ref__s1337__s2.jsonl").read_text().splitlines()[-1])["event"] == "eval"
 
 
 def test_todo_asks_for_what_the_protocol_lacks():
