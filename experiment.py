@@ -46,11 +46,12 @@ NEW2X = [*GROW, "--lr_mult=2.0"]  # the best recipe: the new generation at 2x (t
 REGIMES = {
     "c": dict(  # compute-bound: the final shape sees its training text about once
         final="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=800, branches=4,
-        lrs=(1e-3, 2e-3, 4e-3),
+        lrs=(1e-3, 2e-3, 4e-3), scratch_shapes=("final", "small"),  # a frontier of the 24.6M shape too
         s1_iters=400, common=["--eval_interval=100"],  # ladders: LADDERS and MORE_STAGES
         seeds=3, within=0.1, seeded=("ref",)),  # the protocol: seeds for scratch, ref and the ladders near the best
     "tiny": dict(  # the CPU ladder, for the tests and a first look
         final="config/tiny_stage2.py", small="config/tiny_stage1.py", scratch_iters=40, branches=2, lrs=(3e-3,),
+        scratch_shapes=("final", "small"),
         s1_iters=20, common=["--eval_interval=10", "--eval_windows=16", "--log_interval=5"]),
     "t": dict(  # as the earlier experiment: 134.1M final, scratch sees the text about 2.4 times
         final="config/exp_stage3.py", mid="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=1984,
@@ -169,6 +170,11 @@ def train_args(name, config, args):
     return [repo_path(config), f"--out_dir={OUT}/{name}", *args]
 
 
+def scratch_variant(shape):
+    """'scratch' for the final shape, the study's frontier; 'scratch_small' for another shape's, a check."""
+    return "scratch" if shape == "final" else f"scratch_{shape}"
+
+
 def runs(regime, seeds):
     """{name: (train.py arguments, the run it starts from or None)} for every run of a regime."""
     r = REGIMES[regime]
@@ -179,18 +185,17 @@ def runs(regime, seeds):
     tier_final, v_final = final_values["data_dir"], final_values["vocab_size"]
     for seed in seeds:
         s = [f"--seed={seed}", *common]
-        for lr in r["lrs"]:
-            stable = f"{regime}/scratch_lr{lr:g}/s{seed}/stable"
-            out[stable] = (train_args(stable, final, [*s, "--init_from=scratch", f"--learning_rate={lr}", "--lr_mult=1.0",
-                                                      f"--max_iters={n}", "--cooldown_iters=0",
-                                                      f"--snapshot_interval={every}"]), None)
+        for shape, lr in ((shape, lr) for shape in r.get("scratch_shapes", ("final",)) for lr in r["lrs"]):
+            config, run = r[shape], f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{seed}"
+            out[f"{run}/stable"] = (train_args(f"{run}/stable", config, [
+                *s, "--init_from=scratch", f"--learning_rate={lr}", "--lr_mult=1.0", f"--max_iters={n}",
+                "--cooldown_iters=0", f"--snapshot_interval={every}"]), None)
             for k in branch_iters(r):
                 cd = round(COOLDOWN * k)
-                name = f"{regime}/scratch_lr{lr:g}/s{seed}/cd{k}"
-                out[name] = (train_args(name, final, [*s, "--init_from=branch", f"--learning_rate={lr}", "--lr_mult=1.0",
-                                                      f"--branch_from={OUT}/{stable}/ckpt_{k}.pt",
-                                                      f"--max_iters={cd}", f"--cooldown_iters={cd}"]),
-                             stable)
+                out[f"{run}/cd{k}"] = (train_args(f"{run}/cd{k}", config, [
+                    *s, "--init_from=branch", f"--learning_rate={lr}", "--lr_mult=1.0",
+                    f"--branch_from={OUT}/{run}/stable/ckpt_{k}.pt", f"--max_iters={cd}", f"--cooldown_iters={cd}"]),
+                    f"{run}/stable")
         made = {}  # stage spec (with the specs before it) -> run name: shared stages run once
         for variant, stages in r.get("ladders", LADDERS).items():
             parent, spent, prefix = None, 0, ()
@@ -355,6 +360,16 @@ def seed_frontiers(points):
             for seed in sorted(seeds)}
 
 
+def best_frontier(sweeps):
+    """(the best LR's variant, its frontier, every LR's bpbs) from {variant: {budget: [(seed, flops, bpb)]}}, or None:
+    each frontier the mean over the seeds that have every branch; the best, the lowest bpb at the largest budget."""
+    if not sweeps:
+        return None
+    frontiers = {v: np.mean(list(seed_frontiers(points).values()), axis=0) for v, points in sweeps.items()}
+    best = min(frontiers, key=lambda v: frontiers[v][-1, 1])
+    return best, frontiers[best], {v: fr[:, 1].tolist() for v, fr in sorted(frontiers.items())}
+
+
 def parse(name):
     regime, variant, seed, part = name.split("/")
     return regime, variant, int(seed[1:]), part
@@ -388,23 +403,24 @@ def study_results(names):
     results = {"regimes": {}, "runs": [], "candidates": {}}
     for regime in sorted({parse(n)[0] for n in names}):
         mine = [n for n in names if parse(n)[0] == regime]
-        # scratch: the frontier of each peak LR (its branches' final evals, mean over seeds)
+        # scratch: the frontier of each shape and peak LR (its branches' final evals, mean over seeds)
         sweeps = {}
         for n in mine:
             _, variant, seed, part = parse(n)
-            if variant.startswith("scratch_lr") and part.startswith("cd") and final_eval(n):
+            if variant.startswith("scratch") and part.startswith("cd") and final_eval(n):
                 sweeps.setdefault(variant, {}).setdefault(int(part[2:]), []).append((seed, *final_eval(n)))
-        if not sweeps:
+        shapes = {scratch_variant(shape): best_frontier({v: p for v, p in sweeps.items()
+                                                         if v.startswith(f"{scratch_variant(shape)}_lr")})
+                  for shape in REGIMES[regime].get("scratch_shapes", ("final",))}
+        if not shapes["scratch"]:
             continue
-        # the mean over the seeds that have every branch, so each point averages the same seeds
-        frontiers = {v: np.mean(list(seed_frontiers(points).values()), axis=0) for v, points in sweeps.items()}
-        best = min(frontiers, key=lambda v: frontiers[v][-1, 1])  # the lowest bpb at the largest budget
-        frontier = frontiers[best]
+        best, frontier, lr_sweep = shapes.pop("scratch")
+        others = {v: fr for v, fr, _ in filter(None, shapes.values())}  # each other shape's best LR's frontier
         results["regimes"][regime] = dict(
             scratch_best=best, frontier=frontier.tolist(),
             frontier_seeds={str(k): [dict(seed=s, flops=f, bpb=b) for s, f, b in pts]
                             for k, pts in sorted(sweeps[best].items())},
-            lr_sweep={v: fr[:, 1].tolist() for v, fr in sorted(frontiers.items())})
+            lr_sweep=lr_sweep, other_shapes={v: fr.tolist() for v, fr in others.items()})
         branch = next(n for n in mine if parse(n)[1] == best and parse(n)[3].startswith("cd"))
         flops_per_token = np.divide(*final_eval(branch, "flops", "tokens"))  # the final shape's
         for n in mine:
@@ -418,11 +434,14 @@ def study_results(names):
             # against each scratch seed's own frontier: how much scratch's seed alone moves the ratio
             by_seed = [flops / frontier_flops(f, bpb)[0] for f in seed_frontiers(sweeps[best]).values()]
             gap_ref, where_gap = frontier_bpb(frontier, flops)
+            # against the cheapest scratch shape at this bpb: another shape counts where its branches reach it
+            # (past its last branch it would need more text than a regime c run may read)
+            reach = [equal] + [f for f, w in (frontier_flops(fr, bpb) for fr in others.values()) if w == "inside"]
             results["runs"].append(dict(regime=regime, variant=variant, seed=seed, run=n, flops=flops, val_bpb=bpb,
                                         flops_ratio=flops / equal, ratio_is=where, bpb_gap=bpb - gap_ref,
                                         tokens=tokens, cost_per_token=cost, token_ratio=flops / equal / cost,
                                         flops_ratio_per_scratch_seed=by_seed,
-                                        gap_is=where_gap))
+                                        gap_is=where_gap, flops_ratio_any_shape=flops / min(reach)))
         for variant in sorted({r["variant"] for r in results["runs"] if r["regime"] == regime}):
             rs = [r for r in results["runs"] if r["regime"] == regime and r["variant"] == variant]
             results["candidates"][f"{regime}/{variant}"] = dict(
@@ -431,6 +450,7 @@ def study_results(names):
                 token_ratio=spread([r["token_ratio"] for r in rs]),
                 flops_ratio_per_scratch_seed=spread([x for r in rs for x in r["flops_ratio_per_scratch_seed"]]),
                 val_bpb=spread([r["val_bpb"] for r in rs]), seeds=sorted(r["seed"] for r in rs),
+                flops_ratio_any_shape=spread([r["flops_ratio_any_shape"] for r in rs]),
                 extrapolated=any("extrapolated" in (r["ratio_is"], r["gap_is"]) for r in rs))
     return results
 
@@ -445,8 +465,8 @@ def todo(results, names):
             continue  # no protocol (tiny)
         ladders, seeds, first = r.get("ladders", LADDERS), SEEDS[:r["seeds"]], SEEDS[0]
         branches = [f"cd{k}" for k in branch_iters(r)]
-        want = [f"{regime}/scratch_lr{lr:g}/s{first}/" for lr in r["lrs"]
-                if f"{regime}/scratch_lr{lr:g}/s{first}/stable" not in names]
+        want = [f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{first}/" for shape in r.get("scratch_shapes", ("final",))
+                for lr in r["lrs"] if f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{first}/stable" not in names]
         want += [f"{regime}/{v}/s{first}/" for v, stages in ladders.items()
                  if f"{regime}/{v}/s{first}/s{len(stages)}" not in names]
         best_scratch = results["regimes"].get(regime, {}).get("scratch_best")
@@ -480,9 +500,12 @@ def print_table(results):
     for regime, r in results["regimes"].items():
         print(f"regime {regime}: scratch {r['scratch_best']}, frontier (FLOPs, bpb) "
               + ", ".join(f"({f:.3g}, {b:.4f})" for f, b in r["frontier"]))
+        for variant, fr in r["other_shapes"].items():
+            print(f"  another scratch shape, {variant}: " + ", ".join(f"({f:.3g}, {b:.4f})" for f, b in fr))
+        shapes = bool(r["other_shapes"])
         print("| candidate | seeds | val bpb | FLOPs ratio at equal quality | against each scratch seed "
-              "| bpb gap at equal FLOPs | = cost per token x token ratio |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+              "| bpb gap at equal FLOPs | = cost per token x token ratio |" + (" against any scratch shape |" * shapes))
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" * shapes))
         rows = sorted((c for c in results["candidates"].items() if c[0].startswith(f"{regime}/")),
                       key=lambda kv: kv[1]["flops_ratio"]["mean"])
         for name, c in rows:
@@ -490,10 +513,13 @@ def print_table(results):
             print(f"| {name.split('/', 1)[1]} | {len(c['seeds'])} | {bpb['mean']:.4f} | {ratio['mean']:.3f} "
                   f"({ratio['min']:.3f}-{ratio['max']:.3f}){' *' if c['extrapolated'] else ''} "
                   f"| {each['min']:.3f}-{each['max']:.3f} | {gap['mean']:+.4f} ({gap['min']:+.4f} to {gap['max']:+.4f}) "
-                  f"| {c['cost_per_token']['mean']:.3f} x {c['token_ratio']['mean']:.3f} |")
+                  f"| {c['cost_per_token']['mean']:.3f} x {c['token_ratio']['mean']:.3f} |"
+                  + (f" {c['flops_ratio_any_shape']['mean']:.3f} |" * shapes))
         print("(ratio: mean (range) over the ladder's seeds against the seed-mean frontier; * somewhere beyond "
               "the frontier's last branch, extended. Cost per token: the ladder's FLOPs per token over the final "
-              "shape's; token ratio: its tokens over scratch's at the same bpb)")
+              "shape's; token ratio: its tokens over scratch's at the same bpb" + ("; against any scratch shape: "
+              "FLOPs over the least at which a scratch shape's frontier reaches its bpb, between its branches)"
+              if shapes else ")"))
 
 
 def curve(names):
@@ -515,6 +541,9 @@ def plot(regime, results, png):
     ax.plot(fr[:, 0], fr[:, 1], "k-o", label=f"scratch frontier ({r['scratch_best']}, cooldown branches)")
     for pts in r["frontier_seeds"].values():
         ax.plot([p["flops"] for p in pts], [p["bpb"] for p in pts], "k.", alpha=0.4)
+    for (variant, fr), style in zip(r["other_shapes"].items(), ("s-", "^-")):
+        fr = np.array(fr)
+        ax.plot(fr[:, 0], fr[:, 1], style, color="0.5", label=f"{variant} frontier (another scratch shape)")
     stable = curve([f"{regime}/{r['scratch_best']}/s{SEEDS[0]}/stable"])  # what the branches cool down from
     ax.plot(stable[:, 0], stable[:, 1], "k--", alpha=0.4, label=f"its stable run (no cooldown), seed {SEEDS[0]}")
     cands = {k.split("/", 1)[1]: v for k, v in results["candidates"].items() if k.startswith(f"{regime}/")}

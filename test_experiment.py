@@ -58,7 +58,16 @@ def test_report_gives_a_flops_ratio_against_a_two_branch_frontier(study):
     assert 0 < small_per_token < per_token and 0 < small_share < 1
     assert run["cost_per_token"] == pytest.approx(small_share * small_per_token / per_token + 1 - small_share)
     assert run["token_ratio"] == pytest.approx(run["tokens"] / (reach / per_token))
+    # against any scratch shape: the small shape's frontier (its own stable run and branches) counts where its
+    # branches reach the ladder's bpb
+    (small,) = map(np.array, results["regimes"]["tiny"]["other_shapes"].values())  # scratch_small's best LR
+    assert small.shape == (2, 2) and small[0, 0] < small[1, 0] < frontier[1, 0]  # a cheaper shape, same iterations
+    (s0, c0), (s1, c1) = small
+    reach_small = np.exp(np.log(s0) + (run["val_bpb"] - c0) / (c1 - c0) * (np.log(s1) - np.log(s0)))
+    cheapest = min(reach, reach_small) if c1 <= run["val_bpb"] <= c0 else reach
+    assert run["flops_ratio_any_shape"] == pytest.approx(run["flops"] / cheapest, rel=1e-9)
     assert f"| ref | 1 | {run['val_bpb']:.4f} | {run['flops_ratio']:.3f}" in out
+    assert f"{run['flops_ratio_any_shape']:.3f} |" in out
     assert (study / "assets" / "study_tiny.png").exists()
 
 
@@ -93,7 +102,7 @@ def test_todo_asks_for_what_the_protocol_lacks():
     import experiment
     c = experiment.REGIMES["c"]
     every = [200, 400, 600, 800]
-    names = {f"c/scratch_lr{lr:g}/s1337/stable" for lr in c["lrs"]}
+    names = {f"c/{shape}_lr{lr:g}/s1337/stable" for lr in c["lrs"] for shape in ("scratch", "scratch_small")}
     names |= {f"c/scratch_lr0.002/s{s}/cd{k}" for s in (1337, 2024) for k in every}
     names |= {f"c/{v}/s1337/s{len(stages)}" for v, stages in experiment.LADDERS.items()}  # each one's last stage
     names |= {"c/new2x/s2024/s2", "c/new2x/s7/s2"}
@@ -124,3 +133,25 @@ def test_a_branch_starts_once_its_snapshot_is_written_while_its_stable_run_goes_
     assert not experiment.can_start(grown, "s1", {}, {"s1": None})  # a growth waits for its parent's end
     assert not experiment.can_start(branch, "stable", {"stable": None}, {})  # not started: an older run's file
     assert experiment.can_start(branch, "stable", {}, {}) and experiment.can_start(grown, None, {}, {})
+
+
+def test_a_cheaper_scratch_shape_sets_the_ratio_against_any_shape_where_its_branches_reach(tmp_path, monkeypatch):
+    import experiment
+    monkeypatch.setattr(experiment, "LOGS", str(tmp_path))
+
+    def last_eval(name, flops, bpb):
+        line = json.dumps(dict(event="eval", iter=1, flops=flops, val_bpb=bpb, tokens=flops / 100))
+        (tmp_path / (name.replace("/", "__") + ".jsonl")).write_text(line + "\n")
+
+    last_eval("tiny/scratch_lr0.003/s1337/cd20", 1e10, 4.0)
+    last_eval("tiny/scratch_lr0.003/s1337/cd40", 4e10, 3.0)
+    last_eval("tiny/scratch_small_lr0.003/s1337/cd20", 5e9, 3.8)
+    last_eval("tiny/scratch_small_lr0.003/s1337/cd40", 2e10, 3.2)
+    last_eval("tiny/ref/s1337/s2", 2e10, 3.5)
+    (run,) = experiment.study_results(experiment.logged_runs())["runs"]
+    # 3.5 is halfway (in log FLOPs) along both frontiers: the final shape's at 2e10, the small one's at 1e10
+    assert run["flops_ratio"] == pytest.approx(1.0) and run["flops_ratio_any_shape"] == pytest.approx(2.0)
+    # the small shape stops at 3.2: past its last branch it does not count (it would need more text)
+    last_eval("tiny/ref/s1337/s2", 3e10, 3.1)
+    (run,) = experiment.study_results(experiment.logged_runs())["runs"]
+    assert run["flops_ratio_any_shape"] == pytest.approx(run["flops_ratio"])
