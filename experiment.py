@@ -3,7 +3,7 @@ Does growing pay? The study: named runs of train.py, a scratch frontier from coo
 every ladder measured against it.
 
     python experiment.py list [REGIME]                       # the runs, with their train.py commands
-    python experiment.py run c/scratch c/ref --seeds=1337    # runs (and what they grow or branch from)
+    python experiment.py run c/scratch_lr c/ref --seeds=1337 # runs (and what they grow or branch from)
     python experiment.py report                              # -> assets/study_results.json, assets/study_<regime>.png
     python experiment.py todo                                # what the protocol still asks for, and its FLOPs
 
@@ -297,6 +297,8 @@ def run(names, extra, jobs):
             del waiting[name]
             if finished(name, args):
                 print(f"done already: {name}", flush=True)
+                if not os.path.exists(log_copy(name)):
+                    keep_log(name)
                 continue
             shutil.rmtree(f"{OUT}/{name}", ignore_errors=True)  # an unfinished run starts again
             os.makedirs(f"{OUT}/{name}")
@@ -362,10 +364,12 @@ def seed_frontiers(points):
 
 def best_frontier(sweeps):
     """(the best LR's variant, its frontier, every LR's bpbs) from {variant: {budget: [(seed, flops, bpb)]}}, or None:
-    each frontier the mean over the seeds that have every branch; the best, the lowest bpb at the largest budget."""
-    if not sweeps:
+    each frontier the mean over the seeds that have every branch (two at least); the best, the lowest bpb at the
+    largest budget."""
+    complete = {v: list(seed_frontiers(points).values()) for v, points in sweeps.items()}
+    frontiers = {v: np.mean(fr, axis=0) for v, fr in complete.items() if fr and len(fr[0]) >= 2}
+    if not frontiers:
         return None
-    frontiers = {v: np.mean(list(seed_frontiers(points).values()), axis=0) for v, points in sweeps.items()}
     best = min(frontiers, key=lambda v: frontiers[v][-1, 1])
     return best, frontiers[best], {v: fr[:, 1].tolist() for v, fr in sorted(frontiers.items())}
 
@@ -541,9 +545,9 @@ def plot(regime, results, png):
     ax.plot(fr[:, 0], fr[:, 1], "k-o", label=f"scratch frontier ({r['scratch_best']}, cooldown branches)")
     for pts in r["frontier_seeds"].values():
         ax.plot([p["flops"] for p in pts], [p["bpb"] for p in pts], "k.", alpha=0.4)
-    for (variant, fr), style in zip(r["other_shapes"].items(), ("s-", "^-")):
-        fr = np.array(fr)
-        ax.plot(fr[:, 0], fr[:, 1], style, color="0.5", label=f"{variant} frontier (another scratch shape)")
+    for (variant, other), style in zip(r["other_shapes"].items(), ("s-", "^-")):
+        other = np.array(other)
+        ax.plot(other[:, 0], other[:, 1], style, color="0.5", label=f"{variant} frontier (another scratch shape)")
     stable = curve([f"{regime}/{r['scratch_best']}/s{SEEDS[0]}/stable"])  # what the branches cool down from
     ax.plot(stable[:, 0], stable[:, 1], "k--", alpha=0.4, label=f"its stable run (no cooldown), seed {SEEDS[0]}")
     cands = {k.split("/", 1)[1]: v for k, v in results["candidates"].items() if k.startswith(f"{regime}/")}
