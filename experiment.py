@@ -39,8 +39,9 @@ SEEDS = (1337, 2024, 7)  # the study's seeds, in the order candidates take them
 HERE = os.path.dirname(os.path.abspath(__file__))
 COOLDOWN = 0.2  # of the iterations before it
 
-# A regime: the final shape's config, the small one (and a mid one), scratch's budget, branches and peak LRs,
-# stage 1's iterations, and its own ladders if not LADDERS below.
+# A regime: the final shape's config, the small one (and a mid one), scratch's budget, branches and peak LRs, the
+# shapes with a scratch frontier (the final one's is the study's; another's, a check), stage 1's iterations, how
+# many runs fit the GPU at once, and its own ladders if not LADDERS below.
 GROW = ["--init_from=grow", "--lr_mult=1.0"]  # the reference: every generation at the stage's peak
 NEW2X = [*GROW, "--lr_mult=2.0"]  # the best recipe: the new generation at 2x (the later --lr_mult wins)
 REGIMES = {
@@ -178,7 +179,7 @@ def scratch_variant(shape):
 def runs(regime, seeds):
     """{name: (train.py arguments, the run it starts from or None)} for every run of a regime."""
     r = REGIMES[regime]
-    out, final, small = {}, r["final"], r["small"]
+    out, final = {}, r["final"]
     n, common, every = r["scratch_iters"], r["common"], branch_iters(r)[0]
     target = n * flops_per_iter(final)  # every ladder spends scratch's stable budget
     final_values = config_values(final)
