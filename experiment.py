@@ -462,8 +462,8 @@ def study_results(names):
 
 def todo(results, names):
     """{regime: run prefixes} the protocol still asks for: every peak LR and ladder screened with the first seed;
-    then the regime's `seeds` seeds for scratch's best LR, for the ladders in `seeded` and for every ladder within
-    `within` of the best mean FLOPs ratio."""
+    then the regime's `seeds` seeds for each scratch shape's best LR, for the ladders in `seeded` and for every
+    ladder within `within` of the best mean FLOPs ratio."""
     wanted = {}
     for regime, r in REGIMES.items():
         if "seeds" not in r:
@@ -474,10 +474,10 @@ def todo(results, names):
                 for lr in r["lrs"] if f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{first}/stable" not in names]
         want += [f"{regime}/{v}/s{first}/" for v, stages in ladders.items()
                  if f"{regime}/{v}/s{first}/s{len(stages)}" not in names]
-        best_scratch = results["regimes"].get(regime, {}).get("scratch_best")
-        if best_scratch:
-            want += [f"{regime}/{best_scratch}/s{s}/" for s in seeds
-                     if any(f"{regime}/{best_scratch}/s{s}/{b}" not in names for b in branches)]
+        done = results["regimes"].get(regime, {})  # each scratch shape's best LR gets the seeds
+        for best in [done["scratch_best"], *done.get("other_shapes", {})] if done else []:
+            want += [f"{regime}/{best}/s{s}/" for s in seeds
+                     if any(f"{regime}/{best}/s{s}/{b}" not in names for b in branches)]
         ratios = {k.split("/", 1)[1]: c["flops_ratio"]["mean"] for k, c in results["candidates"].items()
                   if k.startswith(f"{regime}/")}
         near = {v for v, x in ratios.items() if x <= min(ratios.values()) + r["within"]} if ratios else set()

@@ -113,7 +113,10 @@ def test_todo_asks_for_what_the_protocol_lacks():
     assert set(want) == {*(f"c/{v}/s1337/" for v in experiment.MORE_STAGES), "c/scratch_lr0.002/s7/",
                          *(f"c/{v}/s{s}/" for v in ("ref", "old0.5") for s in (2024, 7))}
     assert experiment.todo(results, names)["t"][:3] == [f"t/scratch_lr{lr:g}/s1337/" for lr in (5e-4, 1e-3, 2e-3)]
-    # another scratch shape is screened at every LR with the first seed too
+    # another scratch shape is screened at every LR with the first seed too, and its best LR gets the seeds
+    results["regimes"]["c"]["other_shapes"] = {"scratch_small_lr0.002": []}
+    assert {"c/scratch_small_lr0.002/s2024/", "c/scratch_small_lr0.002/s7/"} <= set(experiment.todo(results, names)["c"])
+    del results["regimes"]["c"]["other_shapes"]
     assert experiment.todo(results, names - {"c/scratch_small_lr0.004/s1337/stable"})["c"][0] == \
         "c/scratch_small_lr0.004/s1337/"
 
