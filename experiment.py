@@ -48,6 +48,7 @@ REGIMES = {
     "c": dict(  # compute-bound: the final shape sees its training text about once
         final="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=800, branches=4,
         lrs=(1e-3, 2e-3, 4e-3), scratch_shapes=("final", "small"),  # a frontier of the 24.6M shape too
+        pass_iters={"final": 967, "small": 1060},  # one pass over the tier's training text: 63.4M, 69.5M tokens
         s1_iters=400, common=["--eval_interval=100"],  # ladders: LADDERS and MORE_STAGES
         seeds=3, within=0.1, seeded=("ref",)),  # the protocol: seeds for scratch, ref and the ladders near the best
     "tiny": dict(  # the CPU ladder, for the tests and a first look
@@ -414,18 +415,23 @@ def study_results(names):
             _, variant, seed, part = parse(n)
             if variant.startswith("scratch") and part.startswith("cd") and final_eval(n):
                 sweeps.setdefault(variant, {}).setdefault(int(part[2:]), []).append((seed, *final_eval(n)))
-        shapes = {scratch_variant(shape): best_frontier({v: p for v, p in sweeps.items()
-                                                         if v.startswith(f"{scratch_variant(shape)}_lr")})
-                  for shape in REGIMES[regime].get("scratch_shapes", ("final",))}
-        if not shapes["scratch"]:
+        spec = REGIMES[regime]
+        shapes = {shape: best_frontier({v: p for v, p in sweeps.items()
+                                        if v.startswith(f"{scratch_variant(shape)}_lr")})
+                  for shape in spec.get("scratch_shapes", ("final",))}
+        if not shapes["final"]:
             continue
-        best, frontier, lr_sweep = shapes.pop("scratch")
-        others = {v: fr for v, fr, _ in filter(None, shapes.values())}  # each other shape's best LR's frontier
+        best, frontier, lr_sweep = shapes.pop("final")
+        # each other shape's best LR's frontier, and the FLOPs up to which it may be extended: one pass over its
+        # tier's training text (its last branch reads scratch_iters plus the cooldown), or its last branch
+        last_iters = spec["scratch_iters"] + round(COOLDOWN * spec["scratch_iters"])
+        others = {v: (fr, fr[-1, 0] * spec.get("pass_iters", {}).get(shape, last_iters) / last_iters)
+                  for shape, (v, fr, _) in ((s, x) for s, x in shapes.items() if x)}
         results["regimes"][regime] = dict(
             scratch_best=best, frontier=frontier.tolist(),
             frontier_seeds={str(k): [dict(seed=s, flops=f, bpb=b) for s, f, b in pts]
                             for k, pts in sorted(sweeps[best].items())},
-            lr_sweep=lr_sweep, other_shapes={v: fr.tolist() for v, fr in others.items()})
+            lr_sweep=lr_sweep, other_shapes={v: fr.tolist() for v, (fr, _) in others.items()})
         branch = next(n for n in mine if parse(n)[1] == best and parse(n)[3].startswith("cd"))
         flops_per_token = np.divide(*final_eval(branch, "flops", "tokens"))  # the final shape's
         for n in mine:
@@ -439,14 +445,17 @@ def study_results(names):
             # against each scratch seed's own frontier: how much scratch's seed alone moves the ratio
             by_seed = [flops / frontier_flops(f, bpb)[0] for f in seed_frontiers(sweeps[best]).values()]
             gap_ref, where_gap = frontier_bpb(frontier, flops)
-            # against the cheapest scratch shape at this bpb: another shape counts where its branches reach it
-            # (past its last branch it would need more text than a regime c run may read)
-            reach = [equal] + [f for f, w in (frontier_flops(fr, bpb) for fr in others.values()) if w == "inside"]
+            # against the cheapest scratch shape at this bpb: another shape counts where its frontier reaches it
+            # within one pass over its text (extended past its last branch, and said, as the final shape's may be)
+            reach = [(equal, where)] + [(f, w) for f, w, most in ((*frontier_flops(fr, bpb), most)
+                                                                 for fr, most in others.values()) if f <= most]
+            least, least_is = min(reach)
             results["runs"].append(dict(regime=regime, variant=variant, seed=seed, run=n, flops=flops, val_bpb=bpb,
                                         flops_ratio=flops / equal, ratio_is=where, bpb_gap=bpb - gap_ref,
                                         tokens=tokens, cost_per_token=cost, token_ratio=flops / equal / cost,
                                         flops_ratio_per_scratch_seed=by_seed,
-                                        gap_is=where_gap, flops_ratio_any_shape=flops / min(reach)))
+                                        gap_is=where_gap, flops_ratio_any_shape=flops / least,
+                                        any_shape_is=least_is))
         for variant in sorted({r["variant"] for r in results["runs"] if r["regime"] == regime}):
             rs = [r for r in results["runs"] if r["regime"] == regime and r["variant"] == variant]
             results["candidates"][f"{regime}/{variant}"] = dict(
@@ -456,7 +465,8 @@ def study_results(names):
                 flops_ratio_per_scratch_seed=spread([x for r in rs for x in r["flops_ratio_per_scratch_seed"]]),
                 val_bpb=spread([r["val_bpb"] for r in rs]), seeds=sorted(r["seed"] for r in rs),
                 flops_ratio_any_shape=spread([r["flops_ratio_any_shape"] for r in rs]),
-                extrapolated=any("extrapolated" in (r["ratio_is"], r["gap_is"]) for r in rs))
+                extrapolated=any("extrapolated" in (r["ratio_is"], r["gap_is"]) for r in rs),
+                any_shape_extrapolated=any(r["any_shape_is"] == "extrapolated" for r in rs))
     return results
 
 
@@ -519,11 +529,13 @@ def print_table(results):
                   f"({ratio['min']:.3f}-{ratio['max']:.3f}){' *' if c['extrapolated'] else ''} "
                   f"| {each['min']:.3f}-{each['max']:.3f} | {gap['mean']:+.4f} ({gap['min']:+.4f} to {gap['max']:+.4f}) "
                   f"| {c['cost_per_token']['mean']:.3f} x {c['token_ratio']['mean']:.3f} |"
-                  + (f" {c['flops_ratio_any_shape']['mean']:.3f} |" * shapes))
+                  + (f" {c['flops_ratio_any_shape']['mean']:.3f}{' *' if c['any_shape_extrapolated'] else ''} |"
+                     * shapes))
         print("(ratio: mean (range) over the ladder's seeds against the seed-mean frontier; * somewhere beyond "
               "the frontier's last branch, extended. Cost per token: the ladder's FLOPs per token over the final "
               "shape's; token ratio: its tokens over scratch's at the same bpb" + ("; against any scratch shape: "
-              "FLOPs over the least at which a scratch shape's frontier reaches its bpb, between its branches)"
+              "FLOPs over the least at which a scratch shape's frontier reaches its bpb, another shape's within one "
+              "pass over its text)"
               if shapes else ")"))
 
 
