@@ -48,7 +48,7 @@ REGIMES = {
     "c": dict(  # compute-bound: the final shape sees its training text about once
         final="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=800, branches=4,
         lrs=(1e-3, 2e-3, 4e-3), scratch_shapes=("final", "small"),  # a frontier of the 24.6M shape too
-        pass_iters={"final": 967, "small": 1060},  # one pass over the tier's training text: 63.4M, 69.5M tokens
+        pass_iters={"small": 1060},  # one pass over the small tier's training text (69.5M tokens)
         s1_iters=400, common=["--eval_interval=100"],  # ladders: LADDERS and MORE_STAGES
         seeds=3, within=0.1, seeded=("ref",)),  # the protocol: seeds for scratch, ref and the ladders near the best
     "tiny": dict(  # the CPU ladder, for the tests and a first look
@@ -57,7 +57,7 @@ REGIMES = {
         s1_iters=20, common=["--eval_interval=10", "--eval_windows=16", "--log_interval=5"]),
     "t": dict(  # as the earlier experiment: 134.1M final, scratch sees the text about 2.4 times
         final="config/exp_stage3.py", mid="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=1984,
-        branches=4, lrs=(5e-4, 1e-3, 2e-3), s1_iters=1500, common=["--eval_interval=100"],
+        branches=4, lrs=(5e-4, 1e-3, 2e-3), scratch_shapes=("final",), s1_iters=1500, common=["--eval_interval=100"],
         seeds=2, within=0.0, seeded=(),  # 2 seeds for scratch and the best ladder
         max_jobs=2,  # a run holds 36-53 GiB on the H200 (140): its four branches at once ran out of memory
         ladders={"ref": [("small", [], 1), ("mid", GROW, 1300 / 1500), ("final", GROW, None)],
@@ -187,7 +187,7 @@ def runs(regime, seeds):
     tier_final, v_final = final_values["data_dir"], final_values["vocab_size"]
     for seed in seeds:
         s = [f"--seed={seed}", *common]
-        for shape, lr in ((shape, lr) for shape in r.get("scratch_shapes", ("final",)) for lr in r["lrs"]):
+        for shape, lr in ((shape, lr) for shape in r["scratch_shapes"] for lr in r["lrs"]):
             config, run = r[shape], f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{seed}"
             out[f"{run}/stable"] = (train_args(f"{run}/stable", config, [
                 *s, "--init_from=scratch", f"--learning_rate={lr}", "--lr_mult=1.0", f"--max_iters={n}",
@@ -418,15 +418,18 @@ def study_results(names):
         spec = REGIMES[regime]
         shapes = {shape: best_frontier({v: p for v, p in sweeps.items()
                                         if v.startswith(f"{scratch_variant(shape)}_lr")})
-                  for shape in spec.get("scratch_shapes", ("final",))}
+                  for shape in spec["scratch_shapes"]}
         if not shapes["final"]:
             continue
         best, frontier, lr_sweep = shapes.pop("final")
         # each other shape's best LR's frontier, and the FLOPs up to which it may be extended: one pass over its
         # tier's training text (its last branch reads scratch_iters plus the cooldown), or its last branch
         last_iters = spec["scratch_iters"] + round(COOLDOWN * spec["scratch_iters"])
-        others = {v: (fr, fr[-1, 0] * spec.get("pass_iters", {}).get(shape, last_iters) / last_iters)
-                  for shape, (v, fr, _) in ((s, x) for s, x in shapes.items() if x)}
+        others = {}
+        for shape, found in shapes.items():
+            if found:
+                other_best, fr, _ = found
+                others[other_best] = fr, fr[-1, 0] * spec.get("pass_iters", {}).get(shape, last_iters) / last_iters
         results["regimes"][regime] = dict(
             scratch_best=best, frontier=frontier.tolist(),
             frontier_seeds={str(k): [dict(seed=s, flops=f, bpb=b) for s, f, b in pts]
@@ -447,8 +450,11 @@ def study_results(names):
             gap_ref, where_gap = frontier_bpb(frontier, flops)
             # against the cheapest scratch shape at this bpb: another shape counts where its frontier reaches it
             # within one pass over its text (extended past its last branch, and said, as the final shape's may be)
-            reach = [(equal, where)] + [(f, w) for f, w, most in ((*frontier_flops(fr, bpb), most)
-                                                                 for fr, most in others.values()) if f <= most]
+            reach = [(equal, where)]
+            for fr, most in others.values():
+                f, w = frontier_flops(fr, bpb)
+                if f <= most:
+                    reach.append((f, w))
             least, least_is = min(reach)
             results["runs"].append(dict(regime=regime, variant=variant, seed=seed, run=n, flops=flops, val_bpb=bpb,
                                         flops_ratio=flops / equal, ratio_is=where, bpb_gap=bpb - gap_ref,
@@ -480,7 +486,7 @@ def todo(results, names):
             continue  # no protocol (tiny)
         ladders, seeds, first = r.get("ladders", LADDERS), SEEDS[:r["seeds"]], SEEDS[0]
         branches = [f"cd{k}" for k in branch_iters(r)]
-        want = [f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{first}/" for shape in r.get("scratch_shapes", ("final",))
+        want = [f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{first}/" for shape in r["scratch_shapes"]
                 for lr in r["lrs"] if f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{first}/stable" not in names]
         want += [f"{regime}/{v}/s{first}/" for v, stages in ladders.items()
                  if f"{regime}/{v}/s{first}/s{len(stages)}" not in names]
