@@ -479,7 +479,8 @@ def study_results(names):
 def todo(results, names):
     """{regime: run prefixes} the protocol still asks for: every peak LR and ladder screened with the first seed;
     then the regime's `seeds` seeds for each scratch shape's best LR, for the ladders in `seeded` and for every
-    ladder within `within` of the best mean FLOPs ratio."""
+    ladder within `within` of the best mean FLOPs ratio against any scratch shape (a ladder that only beats the
+    final shape is no candidate for the recipe)."""
     wanted = {}
     for regime, r in REGIMES.items():
         if "seeds" not in r:
@@ -494,7 +495,7 @@ def todo(results, names):
         for best in [done["scratch_best"], *done.get("other_shapes", {})] if done else []:
             want += [f"{regime}/{best}/s{s}/" for s in seeds
                      if any(f"{regime}/{best}/s{s}/{b}" not in names for b in branches)]
-        ratios = {k.split("/", 1)[1]: c["flops_ratio"]["mean"] for k, c in results["candidates"].items()
+        ratios = {k.split("/", 1)[1]: c["flops_ratio_any_shape"]["mean"] for k, c in results["candidates"].items()
                   if k.startswith(f"{regime}/")}
         near = {v for v, x in ratios.items() if x <= min(ratios.values()) + r["within"]} if ratios else set()
         for v in sorted(near | set(r["seeded"])):

@@ -98,7 +98,8 @@ def test_a_logged_run_runs_again_only_as_the_parent_of_one_that_is_not(study):
 
 def test_todo_asks_for_what_the_protocol_lacks():
     """Screening with the first seed for every peak LR and ladder; three seeds for scratch's best LR, the
-    reference and the ladders within 0.1 of the best ratio; none for one beyond it, or for what has run."""
+    reference and the ladders within 0.1 of the best ratio against any scratch shape; none for one beyond it
+    (even4 beats the final shape's frontier only), or for what has run."""
     import experiment
     c = experiment.REGIMES["c"]
     every = [200, 400, 600, 800]
@@ -107,8 +108,9 @@ def test_todo_asks_for_what_the_protocol_lacks():
     names |= {f"c/{v}/s1337/s{len(stages)}" for v, stages in experiment.LADDERS.items()}  # each one's last stage
     names |= {"c/new2x/s2024/s2", "c/new2x/s7/s2"}
     results = {"regimes": {"c": {"scratch_best": "scratch_lr0.002"}},
-               "candidates": {f"c/{v}": {"flops_ratio": {"mean": x}} for v, x in
-                              (("new2x", 0.86), ("ref", 0.91), ("old0.5", 0.95), ("late", 0.97), ("cosine", 1.1))}}
+               "candidates": {f"c/{v}": {"flops_ratio": {"mean": x}, "flops_ratio_any_shape": {"mean": y}}
+                              for v, x, y in (("new2x", 0.86, 0.86), ("ref", 0.91, 0.91), ("old0.5", 0.95, 0.95),
+                                              ("late", 0.97, 0.97), ("cosine", 1.1, 1.7), ("even4", 0.70, 1.01))}}
     want = experiment.todo(results, names)["c"]
     assert set(want) == {*(f"c/{v}/s1337/" for v in experiment.MORE_STAGES), "c/scratch_lr0.002/s7/",
                          *(f"c/{v}/s{s}/" for v in ("ref", "old0.5") for s in (2024, 7))}
