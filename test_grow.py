@@ -432,7 +432,8 @@ def test_condense_keeps_logits_and_glues_adam_moments(upto):
 
 
 # -----------------------------------------------------------------------------
-# linear layers: one op assembles the blocks in the forward and again in the backward
+# linear layers: one op assembles the blocks in the forward and again in the backward (under FSDP), or the graph
+# assembles them once
 
 
 def three_generation_weight(seed, permuted=True):
@@ -452,11 +453,20 @@ def three_generation_weight(seed, permuted=True):
     return g
 
 
-def test_linear_gradients_are_plain_autograds():
+def copy_free(weights, on):
+    """The Growables, set to assemble their weight in the op (as under FSDP) or in the graph."""
+    for g in weights:
+        g.copy_free = on
+    return weights
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_linear_gradients_are_plain_autograds(on):
     plain = Growable(4, 5).double()  # stacked with grown ones, as wq, wk, wv
     torch.nn.init.normal_(plain.g0)
     for weights in [(three_generation_weight(0),), (three_generation_weight(1, permuted=False),),
                     (three_generation_weight(2), plain, three_generation_weight(3, permuted=False))]:
+        weights = copy_free(weights, on)
         x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
         blocks = [p for g in weights for p in g.parameters()]
         assert torch.autograd.gradcheck(lambda x, *_: linear(x, *weights), (x, *blocks))
@@ -469,9 +479,11 @@ def test_linear_gradients_are_plain_autograds():
             assert_round_off(got, want, "gradients")
 
 
-def test_linear_under_autocast_is_f_linear():
+@pytest.mark.parametrize("on", [True, False])
+def test_linear_under_autocast_is_f_linear(on):
     """bfloat16 products of the float32 input and blocks, float32 gradients: what autocast makes of F.linear."""
-    weights = [three_generation_weight(seed, permuted).float() for seed, permuted in ((3, True), (4, False))]
+    weights = copy_free([three_generation_weight(seed, permuted).float() for seed, permuted in ((3, True), (4, False))],
+                        on)
     x = torch.randn(2, 3, 5, requires_grad=True)
     blocks = [p for g in weights for p in g.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
