@@ -70,7 +70,11 @@ REGIMES = {
                  # its 1101 iterations to get back to the parent's bpb (1.9988 after growth, 1.3924 at 300): the tier
                  # change one growth earlier, on the mid shape
                  "tiers_mid": [("small", [], 1), ("mid", [*NEW2X, "--vocab_size={v_final}", "--data_dir={tier_final}"],
-                                                  1300 / 1500), ("final", NEW2X, None)]}),
+                                                  1300 / 1500), ("final", NEW2X, None)],
+                 # steps3 lost the same way (2.0910 bpb after its last growth, 1.5052 before): both together
+                 "steps3_tiers_mid": [("small", [], 500 / 1500),
+                                      ("mid", [*NEW2X, "--vocab_size={v_final}", "--data_dir={tier_final}"], 500 / 1500),
+                                      ("final", NEW2X, None)]}),
 }
 # Ladder variants: each a list of stages (small or final shape, overrides, iterations as a multiple of the
 # regime's s1_iters, or None: what is left of scratch's budget in FLOPs); the last stage trains the final
