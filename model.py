@@ -11,9 +11,10 @@ growth the strip of new input columns (`g<k>_cols`) and the strip of new output 
 (`g<k>_rows`). The forward assembles the full weight (a no-op when there is one block), so
 every block is an ordinary parameter: its own optimizer param group, its own Adam step
 count, and nothing to change for DDP/FSDP. A linear layer (`linear`, also q/k/v and gate/up
-stacked into one GEMM) assembles it inside its op, in the forward and again in the backward, and
-keeps only the input and the blocks: under FSDP a saved weight would stay whole from forward to
-backward in every layer.
+stacked into one GEMM) assembles it in the graph (torch.cat, then F.linear), unless sharded under
+FSDP (`Growable.copy_free`, set by `GPT.shard`): there the copy-free GrowableLinear assembles it
+inside its op, in the forward and again in the backward, and saves only the input and the blocks,
+where a saved weight would stay whole from forward to backward in every layer.
 
 Doubling head_dim interleaves new dims with old ones inside every head (grow.py), while the
 blocks keep their storage order (old rows, then appended strips). A grown wq/wk/wv then holds
@@ -206,10 +207,12 @@ class GrowableLinear(torch.autograd.Function):
 
 def linear(x, *weights):
     """x @ W.T for the Growables' weights W stacked by rows (one GEMM for q, k, v), in autocast's dtype when it is
-    on, as F.linear. Under FSDP nothing weight-sized is kept for the backward but the parameters (GrowableLinear);
-    unsharded, W is assembled in the graph, where inductor fuses the cast and copy and saves W (bf16: 0.5 GB at
-    239M) instead of assembling it again in the backward: 1.7-3% faster (README, Speed)."""
-    if torch.is_grad_enabled() and not weights[0].copy_free:
+    on, as F.linear. Under FSDP nothing weight-sized is kept for the backward but the parameters (GrowableLinear,
+    if any of the weights is copy_free: GPT.shard sets them all); unsharded, W is assembled in the graph, where
+    inductor fuses the cast and copy and saves W (bf16: 0.5 GB at 239M) instead of assembling it again in the
+    backward: +1.2% tokens/s at stage 3 and +2.6% at stage 1 against the copy-free op (H200, compiled, micro-batch
+    32: README, Speed)."""
+    if torch.is_grad_enabled() and not any(g.copy_free for g in weights):
         return F.linear(x, torch.cat([g.weight for g in weights]) if len(weights) > 1 else weights[0].weight)
     names, parts = zip(*(g.parts() for g in weights))
     if torch.is_autocast_enabled(x.device.type):
