@@ -10,7 +10,8 @@ The invariants of growth (GROWTH.md sections 1-2), on the CPU, in float64, on ti
     condense     merging generations keeps the logits and glues the Adam moments like the weights
     linear       the linear op over a grown weight's blocks (and several weights, as q/k/v) has plain
                  autograd's values and gradients, and F.linear's under autocast
-    compile      torch.compile(fullgraph=True) gives the eager logits, grown or not
+    compile      torch.compile(fullgraph=True) gives the eager logits and gradients, grown or not, with the
+                 weights assembled in the graph or copy-free (as under FSDP)
     errors       every bad request is a clear one-line error, and the CLI writes nothing
 
     python -m pytest -q test_grow.py
@@ -481,14 +482,15 @@ def test_linear_gradients_are_plain_autograds(on):
 
 @pytest.mark.parametrize("on", [True, False])
 def test_linear_under_autocast_is_f_linear(on):
-    """bfloat16 products of the float32 input and blocks, float32 gradients: what autocast makes of F.linear."""
+    """bfloat16 products of the float32 input and blocks, float32 gradients: what autocast makes of F.linear, which
+    is F.linear of both cast to bfloat16 by hand (the reference, outside autocast)."""
     weights = copy_free([three_generation_weight(seed, permuted).float() for seed, permuted in ((3, True), (4, False))],
                         on)
     x = torch.randn(2, 3, 5, requires_grad=True)
     blocks = [p for g in weights for p in g.parameters()]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = linear(x, *weights)
-        expected = torch.nn.functional.linear(x, torch.cat([g.weight for g in weights]))
+    expected = torch.nn.functional.linear(x.bfloat16(), torch.cat([g.weight for g in weights]).bfloat16())
     assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
     grads = torch.autograd.grad(y.float().sum(), (x, *blocks))
     for got, want in zip(grads, torch.autograd.grad(expected.float().sum(), (x, *blocks))):
@@ -499,8 +501,30 @@ def test_linear_under_autocast_is_f_linear(on):
 # torch.compile
 
 
+def logits_and_gradients(run, model, idx):
+    """run(idx)'s logits (run: the model, or the model compiled) and the gradient of a fixed random weighting of them
+    for every parameter, by name."""
+    logits, _ = run(idx)
+    probe = torch.randn(logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(0))
+    names, params = zip(*model.named_parameters())
+    return logits.detach(), dict(zip(names, torch.autograd.grad((logits * probe).sum(), params)))
+
+
+def assert_compiled_gives_eager(compiled, model, idx, copy_free_on, monkeypatch, what="compiled"):
+    """The compiled model gives the eager logits and gradients, its linear layers copy-free (as under FSDP) or not;
+    the eager reference assembles the weights in the graph (plain autograd)."""
+    monkeypatch.setattr(Growable, "copy_free", False)  # monkeypatch restores the class's own value after the test
+    eager = logits_and_gradients(model, model, idx)
+    monkeypatch.setattr(Growable, "copy_free", copy_free_on)
+    compiled = logits_and_gradients(compiled, model, idx)
+    assert_round_off(compiled[0], eager[0], f"{what}: logits")
+    for name, grad in eager[1].items():
+        assert_round_off(compiled[1][name], grad, f"{what}: {name}'s gradient")
+
+
+@pytest.mark.parametrize("copy_free_on", [False, True], ids=["in_graph", "copy_free"])
 @pytest.mark.parametrize("growths", [0, 2])
-def test_compiled_model_gives_eager_logits(growths):
+def test_compiled_model_gives_eager_logits_and_gradients(growths, copy_free_on, monkeypatch):
     rng = random.Random(growths)
     model = tiny_model(tiny_config(rng), growths)
     if growths:
@@ -508,18 +532,17 @@ def test_compiled_model_gives_eager_logits(growths):
         assert len(model.generations()) == 3
     torch._dynamo.reset()  # a fresh compile: the shapes of an earlier test's model would make dims dynamic
     idx = tokens(model.config.vocab_size, 2, model.config.block_size, growths)
-    compiled, _ = torch.compile(model, fullgraph=True)(idx)
-    eager, _ = model(idx)
-    assert_round_off(compiled, eager, "compiled")
+    assert_compiled_gives_eager(torch.compile(model, fullgraph=True), model, idx, copy_free_on, monkeypatch)
 
 
-def test_compiled_model_takes_a_second_sequence_length():
+@pytest.mark.parametrize("copy_free_on", [False, True], ids=["in_graph", "copy_free"])
+def test_compiled_model_takes_a_second_sequence_length(copy_free_on, monkeypatch):
     model = tiny_model(GPTConfig(vocab_size=60, n_layer=1, n_head=2, head_dim=4, ffn_hidden=16, block_size=12), 0)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
     for T in (12, 7):  # training then evaluating at another length, or sampling
         idx = tokens(model.config.vocab_size, 2, T, T)
-        assert_round_off(compiled(idx)[0], model(idx)[0], f"compiled, T={T}")
+        assert_compiled_gives_eager(compiled, model, idx, copy_free_on, monkeypatch, f"compiled, T={T}")
 
 
 # -----------------------------------------------------------------------------

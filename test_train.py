@@ -46,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from grow import grow_model
-from model import GPT, Block, GPTConfig, load_checkpoint, model_from_checkpoint, save_checkpoint
+from model import GPT, Block, GPTConfig, Growable, load_checkpoint, model_from_checkpoint, save_checkpoint
 from prepare import eval_window_starts, load_tokenizer, prepare
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -625,7 +625,9 @@ def test_resuming_with_another_batch_says_so(ladder, data, tmp_path):
     assert_one_line_error(r, "--init_from=resume keeps the checkpoint's shape, but n_layer=5 (checkpoint: 2)")
 
 
-def test_compile_parts_gives_the_eager_loss_and_gradients():
+@pytest.mark.parametrize("copy_free_on", [False, True], ids=["in_graph", "copy_free"])
+def test_compile_parts_gives_the_eager_loss_and_gradients(copy_free_on, monkeypatch):
+    """Compiled with the weights assembled in the graph or copy-free (as under FSDP), against eager in the graph."""
     torch.manual_seed(0)
     small = GPTConfig(vocab_size=64, n_layer=2, n_head=2, head_dim=8, ffn_hidden=32, block_size=16)
     model, _ = grow_model(GPT(small), replace(small, n_layer=3, n_head=3, ffn_hidden=48), vocab_init="random", head_init="zero")
@@ -636,6 +638,7 @@ def test_compile_parts_gives_the_eager_loss_and_gradients():
     loss.backward()
     eager = loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    monkeypatch.setattr(Growable, "copy_free", copy_free_on)  # restored after the test
     model.compile_parts()
     torch._dynamo.utils.counters.clear()
     _, loss = model(x, x)
