@@ -371,12 +371,15 @@ def seed_frontiers(points):
 def best_frontier(sweeps):
     """(the best LR's variant, its frontier, every LR's bpbs) from {variant: {budget: [(seed, flops, bpb)]}}, or None:
     each frontier the mean over the seeds that have every branch (two at least); the best, the lowest bpb at the
-    largest budget."""
+    largest budget every LR has branched at (an LR with fewer branches is not judged by another's longer run)."""
     complete = {v: list(seed_frontiers(points).values()) for v, points in sweeps.items()}
     frontiers = {v: np.mean(fr, axis=0) for v, fr in complete.items() if fr and len(fr[0]) >= 2}
     if not frontiers:
         return None
-    best = min(frontiers, key=lambda v: frontiers[v][-1, 1])
+    budgets = {v: sorted(sweeps[v]) for v in frontiers}
+    shared = set.intersection(*map(set, budgets.values()))
+    judged_at = max(shared) if shared else None  # no shared budget: each LR's last branch
+    best = min(frontiers, key=lambda v: frontiers[v][budgets[v].index(judged_at) if shared else -1, 1])
     return best, frontiers[best], {v: fr[:, 1].tolist() for v, fr in sorted(frontiers.items())}
 
 

@@ -168,3 +168,16 @@ def test_a_cheaper_scratch_shape_sets_the_ratio_against_any_shape_where_its_bran
     (run,) = experiment.study_results(experiment.logged_runs())["runs"]
     assert run["flops_ratio_any_shape"] == pytest.approx(3e10 / (5e9 * 4 ** (0.7 / 0.6)))
     assert run["any_shape_is"] == "extrapolated"
+
+
+def test_scratch_lrs_are_ranked_at_the_largest_budget_they_all_branched_at():
+    import experiment
+    # 1e-3 is better at both budgets they share; 2e-3 has two later branches, lower than 1e-3's last one
+    sweeps = {"scratch_lr0.001": {496: [(1337, 1.0, 1.47)], 1488: [(1337, 3.0, 1.33)]},
+              "scratch_lr0.002": {496: [(1337, 1.0, 1.49)], 992: [(1337, 2.0, 1.38)], 1488: [(1337, 3.0, 1.34)],
+                                  1984: [(1337, 4.0, 1.31)]}}
+    best, frontier, lr_sweep = experiment.best_frontier(sweeps)
+    assert best == "scratch_lr0.001" and frontier.tolist() == [[1.0, 1.47], [3.0, 1.33]]
+    assert lr_sweep == {"scratch_lr0.001": [1.47, 1.33], "scratch_lr0.002": [1.49, 1.38, 1.34, 1.31]}
+    sweeps["scratch_lr0.001"][1488] = [(1337, 3.0, 1.35)]  # now worse where both branched
+    assert experiment.best_frontier(sweeps)[0] == "scratch_lr0.002"
