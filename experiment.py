@@ -369,18 +369,24 @@ def seed_frontiers(points):
 
 
 def best_frontier(sweeps):
-    """(the best LR's variant, its frontier, every LR's bpbs) from {variant: {budget: [(seed, flops, bpb)]}}, or None:
-    each frontier the mean over the seeds that have every branch (two at least); the best, the lowest bpb at the
-    largest budget every LR has branched at (an LR with fewer branches is not judged by another's longer run)."""
-    complete = {v: list(seed_frontiers(points).values()) for v, points in sweeps.items()}
-    frontiers = {v: np.mean(fr, axis=0) for v, fr in complete.items() if fr and len(fr[0]) >= 2}
+    """(the best LR's variant, its frontier, every LR's frontier) from {variant: {budget: [(seed, flops, bpb)]}}, or
+    None: each frontier the mean over the seeds that have every branch, two at least (the seeds and LRs left out
+    are printed). The best reads the lowest bpb at the most FLOPs every frontier reaches: an LR is not judged by
+    another's longer run, so one with fewer branches limits where all are judged."""
+    frontiers = {}
+    for variant, points in sorted(sweeps.items()):
+        complete = seed_frontiers(points)
+        partial = sorted({s for pts in points.values() for s, _, _ in pts} - set(complete))
+        if partial or len(points) < 2:
+            print(f"{variant}: seeds {', '.join(map(str, partial or complete))} lack some of the branches at "
+                  f"{', '.join(map(str, sorted(points)))} or have one: left out of its frontier")
+        if complete and len(points) >= 2:
+            frontiers[variant] = np.mean(list(complete.values()), axis=0)
     if not frontiers:
         return None
-    budgets = {v: sorted(sweeps[v]) for v in frontiers}
-    shared = set.intersection(*map(set, budgets.values()))
-    judged_at = max(shared) if shared else None  # no shared budget: each LR's last branch
-    best = min(frontiers, key=lambda v: frontiers[v][budgets[v].index(judged_at) if shared else -1, 1])
-    return best, frontiers[best], {v: fr[:, 1].tolist() for v, fr in sorted(frontiers.items())}
+    judged_at = min(fr[-1, 0] for fr in frontiers.values())
+    best = min(frontiers, key=lambda v: frontier_bpb(frontiers[v], judged_at)[0])
+    return best, frontiers[best], {v: fr.tolist() for v, fr in frontiers.items()}
 
 
 def parse(name):
@@ -428,20 +434,21 @@ def study_results(names):
                   for shape in spec["scratch_shapes"]}
         if not shapes["final"]:
             continue
-        best, frontier, lr_sweep = shapes.pop("final")
+        best, frontier, lr_frontiers = shapes.pop("final")
         # each other shape's best LR's frontier, and the FLOPs up to which it may be extended: one pass over its
-        # tier's training text (its last branch reads scratch_iters plus the cooldown), or its last branch
-        last_iters = spec["scratch_iters"] + round(COOLDOWN * spec["scratch_iters"])
+        # tier's training text (its last branch reads its budget plus the cooldown), or its last branch
         others = {}
         for shape, found in shapes.items():
             if found:
                 other_best, fr, _ = found
-                others[other_best] = fr, fr[-1, 0] * spec.get("pass_iters", {}).get(shape, last_iters) / last_iters
+                budget = max(sweeps[other_best])
+                its_iters = budget + round(COOLDOWN * budget)
+                others[other_best] = fr, fr[-1, 0] * spec.get("pass_iters", {}).get(shape, its_iters) / its_iters
         results["regimes"][regime] = dict(
             scratch_best=best, frontier=frontier.tolist(),
             frontier_seeds={str(k): [dict(seed=s, flops=f, bpb=b) for s, f, b in pts]
                             for k, pts in sorted(sweeps[best].items())},
-            lr_sweep=lr_sweep, other_shapes={v: fr.tolist() for v, (fr, _) in others.items()})
+            lr_frontiers=lr_frontiers, other_shapes={v: fr.tolist() for v, (fr, _) in others.items()})
         branch = next(n for n in mine if parse(n)[1] == best and parse(n)[3].startswith("cd"))
         flops_per_token = np.divide(*final_eval(branch, "flops", "tokens"))  # the final shape's
         for n in mine:
@@ -570,6 +577,11 @@ def plot(regime, results, png):
     fig, ax = plt.subplots(figsize=(8, 5))
     fr = np.array(r["frontier"])
     ax.plot(fr[:, 0], fr[:, 1], "k-o", label=f"scratch frontier ({r['scratch_best']}, cooldown branches)")
+    for variant, other in r["lr_frontiers"].items():
+        if variant != r["scratch_best"]:
+            other = np.array(other)
+            ax.plot(other[:, 0], other[:, 1], ":o", color="0.6", markersize=4,
+                    label=f"{variant} frontier (another peak LR)")
     for pts in r["frontier_seeds"].values():
         ax.plot([p["flops"] for p in pts], [p["bpb"] for p in pts], "k.", alpha=0.4)
     for (variant, other), style in zip(r["other_shapes"].items(), ("s-", "^-")):

@@ -170,14 +170,22 @@ def test_a_cheaper_scratch_shape_sets_the_ratio_against_any_shape_where_its_bran
     assert run["any_shape_is"] == "extrapolated"
 
 
-def test_scratch_lrs_are_ranked_at_the_largest_budget_they_all_branched_at():
+def test_scratch_lrs_are_ranked_at_the_most_flops_they_all_reach(capsys):
     import experiment
     # 1e-3 is better at both budgets they share; 2e-3 has two later branches, lower than 1e-3's last one
     sweeps = {"scratch_lr0.001": {496: [(1337, 1.0, 1.47)], 1488: [(1337, 3.0, 1.33)]},
               "scratch_lr0.002": {496: [(1337, 1.0, 1.49)], 992: [(1337, 2.0, 1.38)], 1488: [(1337, 3.0, 1.34)],
                                   1984: [(1337, 4.0, 1.31)]}}
-    best, frontier, lr_sweep = experiment.best_frontier(sweeps)
+    best, frontier, lr_frontiers = experiment.best_frontier(sweeps)
     assert best == "scratch_lr0.001" and frontier.tolist() == [[1.0, 1.47], [3.0, 1.33]]
-    assert lr_sweep == {"scratch_lr0.001": [1.47, 1.33], "scratch_lr0.002": [1.49, 1.38, 1.34, 1.31]}
+    assert lr_frontiers["scratch_lr0.002"] == [[1.0, 1.49], [2.0, 1.38], [3.0, 1.34], [4.0, 1.31]]
     sweeps["scratch_lr0.001"][1488] = [(1337, 3.0, 1.35)]  # now worse where both branched
     assert experiment.best_frontier(sweeps)[0] == "scratch_lr0.002"
+    # no budget in common: judged at 3.0 FLOPs, where both reach (2e-3 read between its branches: 1.362 > 1.35)
+    sweeps["scratch_lr0.002"] = {992: [(1337, 2.0, 1.45)], 1984: [(1337, 4.0, 1.30)]}
+    assert experiment.best_frontier(sweeps)[0] == "scratch_lr0.001"
+    # a seed without every branch is left out, and said: the frontier is the other seed's, its rows in budget order
+    sweeps["scratch_lr0.002"] = {1984: [(1337, 4.0, 1.30), (2024, 4.0, 1.20)], 992: [(1337, 2.0, 1.40)]}
+    capsys.readouterr()
+    assert experiment.best_frontier(sweeps)[2]["scratch_lr0.002"] == [[2.0, 1.40], [4.0, 1.30]]
+    assert "scratch_lr0.002: seeds 2024 lack some of the branches at 992, 1984" in capsys.readouterr().out
