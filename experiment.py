@@ -24,6 +24,7 @@ shapes and timing) and its token ratio (its tokens over the tokens scratch needs
 growing costs in learning, 1 if a grown model learned as much per token as scratch).
 """
 
+import glob
 import json
 import math
 import os
@@ -249,15 +250,18 @@ def log_copy(name):
     return os.path.join(LOGS, name.replace("/", "__") + ".jsonl")
 
 
+def rerun_stem(name):
+    """A run done again keeps its logs as this plus __rerunK.jsonl."""
+    return os.path.join(LOGS.rstrip("/") + "_reruns", os.path.basename(log_copy(name))[:-len(".jsonl")])
+
+
 def keep_log(name):
     """Copy a finished run's log to LOGS. A run done again (a later call needs it as a parent, and
     checkpoints do not travel) keeps the first log as the study's; the new one goes to LOGS_reruns,
     numbered, as a measure of run-to-run noise."""
     dest = log_copy(name)
     if os.path.exists(dest):
-        reruns = LOGS.rstrip("/") + "_reruns"
-        os.makedirs(reruns, exist_ok=True)
-        stem = os.path.join(reruns, os.path.basename(dest)[:-len(".jsonl")])
+        stem = rerun_stem(name)
         dest = next(f"{stem}__rerun{k}.jsonl" for k in range(1, 1000) if not os.path.exists(f"{stem}__rerun{k}.jsonl"))
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.copy(f"{OUT}/{name}/log.jsonl", dest)
@@ -329,14 +333,13 @@ def run(names, extra, jobs):
 
 # ---- report -------------------------------------------------------------------
 
-def read_log(name):
-    path = log_copy(name)
+def read_log(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
 def final_eval(name, *keys):
     """(flops, val_bpb), or the keys asked for, of a run's last eval; None before it has one."""
-    evals = [e for e in read_log(name) if e["event"] == "eval"]
+    evals = [e for e in read_log(log_copy(name)) if e["event"] == "eval"]
     return tuple(evals[-1][k] for k in keys or ("flops", "val_bpb")) if evals else None
 
 
@@ -560,8 +563,8 @@ def print_table(results):
               if shapes else ")"))
 
 
-def curve(names):
-    pts = sorted((e["flops"], e["val_bpb"]) for n in names for e in read_log(n) if e["event"] == "eval")
+def curve(logs):
+    pts = sorted((e["flops"], e["val_bpb"]) for p in logs for e in read_log(p) if e["event"] == "eval")
     return np.array(pts).reshape(-1, 2)
 
 
@@ -587,7 +590,7 @@ def plot(regime, results, png):
     for (variant, other), style in zip(r["other_shapes"].items(), ("s-", "^-")):
         other = np.array(other)
         ax.plot(other[:, 0], other[:, 1], style, color="0.5", label=f"{variant} frontier (another scratch shape)")
-    stable = curve([f"{regime}/{r['scratch_best']}/s{SEEDS[0]}/stable"])  # what the branches cool down from
+    stable = curve([log_copy(f"{regime}/{r['scratch_best']}/s{SEEDS[0]}/stable")])  # what the branches cool down from
     ax.plot(stable[:, 0], stable[:, 1], "k--", alpha=0.4, label=f"its stable run (no cooldown), seed {SEEDS[0]}")
     cands = {k.split("/", 1)[1]: v for k, v in results["candidates"].items() if k.startswith(f"{regime}/")}
     # the reference, and the best of the most-seeded candidates (one seed's lead is within the seed range) against
@@ -616,10 +619,14 @@ def plot(regime, results, png):
 
 
 def stage_chain(name):
-    """A ladder's stages, from stage 1 to `name`, read off each log's grow event (grow_from names the parent)."""
-    chain = [name]
+    """A ladder's stages' logs, from stage 1's to `name`'s, read off each log's grow event: grow_from names the
+    parent, and of its logs (the study's, a rerun's) the one whose last eval is the bpb the child grew from."""
+    chain = [log_copy(name)]
     while (grow := next((e for e in read_log(chain[-1]) if e["event"] == "grow"), None)) is not None:
-        chain.append(os.path.relpath(os.path.dirname(grow["grow_from"]), OUT))
+        parent = os.path.relpath(os.path.dirname(grow["grow_from"]), OUT)
+        logs = [log_copy(parent), *sorted(glob.glob(f"{rerun_stem(parent)}__rerun*.jsonl"))]
+        chain.append(next((p for p in logs if [e["val_bpb"] for e in read_log(p) if e["event"] == "eval"][-1:]
+                           == [grow["parent_val_bpb"]]), logs[0]))
     return chain[::-1]
 
 

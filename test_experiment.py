@@ -189,3 +189,24 @@ def test_scratch_lrs_are_ranked_at_the_most_flops_they_all_reach(capsys):
     capsys.readouterr()
     assert experiment.best_frontier(sweeps)[2]["scratch_lr0.002"] == [[2.0, 1.40], [4.0, 1.30]]
     assert "scratch_lr0.002: seeds 2024 lack some of the branches at 992, 1984" in capsys.readouterr().out
+
+
+def test_a_ladders_curve_follows_the_parent_it_grew_from_a_rerun_included(tmp_path, monkeypatch):
+    import experiment
+    monkeypatch.setattr(experiment, "LOGS", str(tmp_path / "study"))
+
+    def log(path, *events):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+    def evals(bpb):
+        return {"event": "eval", "flops": 1.0, "val_bpb": bpb}
+    log(tmp_path / "study" / "t__ref__s1337__s1.jsonl", evals(1.50))
+    log(tmp_path / "study_reruns" / "t__ref__s1337__s1__rerun1.jsonl", evals(1.47))
+    log(tmp_path / "study_reruns" / "t__ref__s1337__s1__rerun2.jsonl", evals(1.49))
+    grow = {"event": "grow", "grow_from": f"{experiment.OUT}/t/ref/s1337/s1/ckpt.pt"}
+    log(tmp_path / "study" / "t__ref__s1337__s2.jsonl", {**grow, "parent_val_bpb": 1.47}, evals(1.40))
+    first, second = experiment.stage_chain("t/ref/s1337/s2")
+    assert first.endswith("t__ref__s1337__s1__rerun1.jsonl") and second == experiment.log_copy("t/ref/s1337/s2")
+    log(tmp_path / "study" / "t__ref__s1337__s2.jsonl", {**grow, "parent_val_bpb": 1.50}, evals(1.40))
+    assert experiment.stage_chain("t/ref/s1337/s2")[0] == experiment.log_copy("t/ref/s1337/s1")
