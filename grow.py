@@ -23,12 +23,10 @@ function is kept and every new weight gets a gradient at the first step.
 Old blocks keep their values (except the RMSNorm and wq factors) and their Adam state bit for bit;
 new blocks are a new generation and start with no Adam state (step 0).
 
-Doubling head_dim is exact because RoPE's frequencies at h, theta^(-2j/h) for j < h/2, are the
-even-indexed ones at 2h, theta^(-2i/2h) for i < h. In our half-split layout (pair j is dims
-j, j + h/2) old dim j goes to 2j and old dim j + h/2 to 2j + h; old head n stays head n, new
-heads come after. Blocks are stored as appended (old rows, then the new strip), and the
-interleaving is a fixed permutation applied after assembly (Growable.place), so each
-generation keeps its own blocks, schedule and Adam state; condense folds it away. (Condensing
+Doubling head_dim is exact (GROWTH.md section 1 says why: old dim j goes to 2j, j + h/2 to 2j + h;
+old head n stays head n, new heads come after). The interleaving is a fixed permutation applied
+after assembly (Growable.place), so each generation keeps its own blocks, schedule and Adam
+state; condense folds it away. (Condensing
 at the doubling instead would still need the permutation for the new generation's strip, and
 would merge the old generations' schedules.) The old wq blocks keep their Adam moments, like
 the gains: their gradients are now 1/sqrt(2) of the old, which would rescale m by 1/sqrt(2) and
@@ -49,8 +47,8 @@ from functools import partial
 import torch
 import torch.nn as nn
 
-from model import Block, GPTConfig, Growable, assemble, block_generation, checkpoint_params, load_checkpoint, \
-    model_from_checkpoint, save_checkpoint
+from model import Block, GPTConfig, Growable, block_generation, checkpoint_params, load_checkpoint, \
+    model_from_checkpoint, save_checkpoint, weight_from_parts
 
 INIT_STD = 0.02  # drawn parts use the fresh model's init
 zero = nn.init.zeros_
@@ -288,11 +286,7 @@ def condense(model, upto, optim_state=None):
         fold = {} if rest else perms  # the permutation goes into a weight's only block
 
         def glue(parts):
-            full = assemble(parts)
-            for dim, k in enumerate(g.PERMS):
-                if k in fold:
-                    full = full.index_select(dim, fold[k])
-            return full
+            return weight_from_parts(*zip(*parts, *fold.items()))
 
         if not merged or (len(merged) == 1 and merged[0][0] == f"g{upto}" and not fold):
             continue  # nothing to merge
