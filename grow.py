@@ -116,16 +116,6 @@ def head_dim_places(n_head, h, device=None):
     return (torch.arange(n_head, device=device)[:, None] * 2 * h + within).flatten()
 
 
-def zero_first(n):
-    """Rows init for the new rows of wk at a head_dim doubling: the first n rows (the new dims of the
-    old heads) zero, so their q.k terms start at 0 while wq's drawn rows give wk a gradient; the rest
-    (new heads) drawn as for any new head."""
-    def init(rows):
-        draw(rows)
-        rows[:n].zero_()
-    return init
-
-
 def grow_layer(block, c, gen):
     """Widen an existing layer to config c (heads, head_dim, FFN hidden, model dim)."""
     d, hd = c.n_embd, c.n_head * c.head_dim
@@ -135,7 +125,9 @@ def grow_layer(block, c, gen):
     n_old, h_old = block.attn.n_head, block.attn.head_dim
     doubling = c.head_dim == 2 * h_old
     if doubling:
-        rules["attn.wk"] = (zero_first(n_old * h_old), draw)
+        # wk's new rows for the old heads' new dims zero, so their q.k terms start at 0 while wq's drawn rows give
+        # wk a gradient; the new heads' rows drawn as for any new head
+        rules["attn.wk"] = (lambda rows: draw(rows)[:n_old * h_old].zero_(), draw)
         for p in block.attn.wq.parameters():  # q.k / sqrt(2h) with q * sqrt(2) is the old q.k / sqrt(h)
             p.mul_(math.sqrt(2))
     for name, (init_rows, init_cols) in rules.items():
