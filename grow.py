@@ -26,9 +26,8 @@ new blocks are a new generation and start with no Adam state (step 0).
 Doubling head_dim is exact (GROWTH.md section 1 says why: old dim j goes to 2j, j + h/2 to 2j + h;
 old head n stays head n, new heads come after). The interleaving is a fixed permutation applied
 after assembly (Growable.place), so each generation keeps its own blocks, schedule and Adam
-state; condense folds it away. (Condensing
-at the doubling instead would still need the permutation for the new generation's strip, and
-would merge the old generations' schedules.) The old wq blocks keep their Adam moments, like
+state; condense folds it away. (Condensing at the doubling instead would still need the
+permutation for the new generation's strip, and would merge the old generations' schedules.) The old wq blocks keep their Adam moments, like
 the gains: their gradients are now 1/sqrt(2) of the old, which would rescale m by 1/sqrt(2) and
 v by 1/2, leaving Adam's step m/sqrt(v) as it was; the kept moments only weigh the first new
 gradients a little less, for about 1/(1 - beta2) steps.
