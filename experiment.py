@@ -337,9 +337,13 @@ def read_log(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
+def read_evals(path):
+    return [e for e in read_log(path) if e["event"] == "eval"]
+
+
 def final_eval(name, *keys):
     """(flops, val_bpb), or the keys asked for, of a run's last eval; None before it has one."""
-    evals = [e for e in read_log(log_copy(name)) if e["event"] == "eval"]
+    evals = read_evals(log_copy(name))
     return tuple(evals[-1][k] for k in keys or ("flops", "val_bpb")) if evals else None
 
 
@@ -564,7 +568,7 @@ def print_table(results):
 
 
 def curve(logs):
-    pts = sorted((e["flops"], e["val_bpb"]) for p in logs for e in read_log(p) if e["event"] == "eval")
+    pts = sorted((e["flops"], e["val_bpb"]) for p in logs for e in read_evals(p))
     return np.array(pts).reshape(-1, 2)
 
 
@@ -625,8 +629,8 @@ def stage_chain(name):
     while (grow := next((e for e in read_log(chain[-1]) if e["event"] == "grow"), None)) is not None:
         parent = os.path.relpath(os.path.dirname(grow["grow_from"]), OUT)
         logs = [log_copy(parent), *sorted(glob.glob(f"{rerun_stem(parent)}__rerun*.jsonl"))]
-        chain.append(next((p for p in logs if [e["val_bpb"] for e in read_log(p) if e["event"] == "eval"][-1:]
-                           == [grow["parent_val_bpb"]]), logs[0]))
+        chain.append(next((p for p in logs if [e["val_bpb"] for e in read_evals(p)][-1:] == [grow["parent_val_bpb"]]),
+                          logs[0]))
     return chain[::-1]
 
 
