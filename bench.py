@@ -4,15 +4,18 @@ CUDA events. In one run it compares, for the shape of a config:
     fresh      a freshly built model
     grown      the same shape reached by growing through three generations, blocks not condensed
     condensed  the grown model with its blocks merged into one per weight
-each eager and compiled (per block and head), and each with today's kernels or liger-kernel's fused
-ones (fused_kernels: a fused run first checks its loss and gradients against today's code, and is not
-timed if they differ). A step is micro_steps forward/backward passes of batch_size x block_size tokens
-and one optimizer step, as a training iteration on one GPU. MFU counts 6 FLOPs per weight per token
-plus attention with the causal discount (only the lower triangle of the scores is computed).
+each eager and compiled (per block and head), each with today's kernels or liger-kernel's fused
+ones (fused_kernels), and each with flash attention or cuDNN's (attention: the backend torch's
+attention tries first). A run with other kernels than today's first checks its loss and gradients
+against today's code, and is not timed if they differ. A step is micro_steps forward/backward
+passes of batch_size x block_size tokens and one optimizer step, as a training iteration on one
+GPU. MFU counts 6 FLOPs per weight per token plus attention with the causal discount (only the
+lower triangle of the scores is computed).
 
     python bench.py config/stage1.py
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --profile=True  # where the time goes
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --fused_kernels=none,all  # liger's
+    python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --attention=flash,cudnn --profile=True
     torchrun --standalone --nproc_per_node=2 bench.py config/stage1.py --variants=fresh  # DDP scaling
 
 With --sample=True it times generation instead, at batch 1 on a random model of the config's shape (bf16 on
@@ -46,6 +49,7 @@ from contextlib import nullcontext
 import torch
 import torch._dynamo
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import condense, grow_model
@@ -63,6 +67,7 @@ peak_flops_name = "H100/H200 SXM bf16 dense"
 out_json = ""  # also write the results here
 profile = False  # after timing, profile 3 steps and print GPU time by kind of kernel
 fused_kernels = "none"  # comma-separated runs, each 'none', 'all' or ops of model.FUSABLE joined by '+'
+attention = "flash"  # comma-separated runs, each 'flash' (today: torch's first choice on an H100/H200) or 'cudnn'
 fused_batch_size = 0  # the fused runs' micro-batch (0: batch_size): the fused cross-entropy holds no logits
 sample = False  # time generation instead (batch 1; CPU too)
 sample_modes = "none,dynamic,static,compiled"
@@ -142,6 +147,12 @@ try:
 except ValueError as e:
     raise SystemExit(str(e))
 load_fused_kernels(frozenset().union(*runs.values()), device)  # refused now, not after the other runs
+# the order in which scaled_dot_product_attention tries its backends; each falls back to the next where it cannot run
+FALLBACKS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ATTENTION = {"flash": [SDPBackend.FLASH_ATTENTION, *FALLBACKS],
+             "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, *FALLBACKS]}
+if not set(attention.split(",")) <= set(ATTENTION):
+    raise SystemExit(f"bench.py: --attention={attention}: pick from {','.join(ATTENTION)}")
 torch.backends.cuda.matmul.allow_tf32 = True
 
 
@@ -179,11 +190,11 @@ def train_step(runner, optimizer, x):
 LOSS_RTOL, GRAD_RTOL = 1e-3, 0.05
 
 
-def loss_and_grads(model, x, rows):
+def loss_and_grads(model, x, rows, backend):
     """The mean loss of model on x (as its own targets) and every parameter's gradient, rows of x at a time."""
     loss_sum = 0.0
     for chunk in x.split(rows):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(ATTENTION[backend], set_priority=True):
             _, loss = model(chunk, chunk)
         (loss * len(chunk) / len(x)).backward()
         loss_sum += loss.item() * len(chunk)
@@ -192,20 +203,20 @@ def loss_and_grads(model, x, rows):
     return loss_sum / len(x), grads
 
 
-def check_fused(model, reference, spec, x):
-    """Refuse to time fused kernels (SystemExit) whose loss or gradients on x are not today's code's (reference,
-    eager, the same weights; 8 rows at a time, so that a batch only the fused head fits still runs)."""
-    loss, grads = loss_and_grads(model, x, len(x))
-    ref_loss, ref_grads = loss_and_grads(reference, x, 8)
+def check_kernels(model, reference, kernels, backend, x):
+    """Refuse to time kernels (SystemExit) whose loss or gradients on x are not today's code's (reference, eager,
+    the same weights, flash attention; 8 rows at a time, so that a batch only the fused head fits still runs)."""
+    loss, grads = loss_and_grads(model, x, len(x), backend)
+    ref_loss, ref_grads = loss_and_grads(reference, x, 8, "flash")
     rel = {n: ((grads[n] - g).norm() / g.norm()).item() for n, g in ref_grads.items()}
     worst = max(rel, key=lambda n: rel[n] if math.isfinite(rel[n]) else math.inf)
     said = (f"loss {loss:.6f} against today's {ref_loss:.6f}, gradients off by up to {rel[worst]:.2%} of their norm "
             f"(worst: {worst})")
     if not (abs(loss - ref_loss) <= LOSS_RTOL * abs(ref_loss) and rel[worst] <= GRAD_RTOL):
-        raise SystemExit(f"fused_kernels={spec} is not today's model: {said}; tolerances {LOSS_RTOL:g} on the "
-                         f"loss, {GRAD_RTOL:.0%} on a gradient: not timed")
+        raise SystemExit(f"{kernels} is not today's model: {said}; tolerances {LOSS_RTOL:g} on the loss, "
+                         f"{GRAD_RTOL:.0%} on a gradient: not timed")
     if rank == 0:
-        print(f"fused_kernels={spec} checked: {said}", flush=True)
+        print(f"{kernels} checked: {said}", flush=True)
 
 
 def unfused_copy(model):
@@ -235,19 +246,20 @@ def profile_kernels(step, steps=3):
     return kinds
 
 
-def bench(variant, compiled, spec):
+def bench(variant, compiled, spec, backend):
     torch.manual_seed(0)
     torch._dynamo.reset()  # no graphs or dynamic-shape decisions carried over from the previous variant
     model = build(variant).to(device)
     fused = runs[spec]
-    reference = unfused_copy(model) if fused else None
+    checked = fused or backend != "flash"
+    reference = unfused_copy(model) if checked else None
     model.use_fused_kernels(fused)
     if compiled:
         model.compile_parts()
     batch = fused_batch_size if fused and fused_batch_size else batch_size
     x = torch.randint(0, vocab_size, (batch, block_size), device=device)
-    if fused:
-        check_fused(model, reference, spec, x)
+    if checked:
+        check_kernels(model, reference, f"fused_kernels={spec} attention={backend}", backend, x)
         del reference
     torch._dynamo.utils.counters.clear()  # the timed run's graphs, not the check's
     if fsdp:
@@ -256,22 +268,26 @@ def bench(variant, compiled, spec):
     runner = DDP(model, device_ids=[device.index]) if ddp and not fsdp else model
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the check's
-    for step in range(warmup_steps + timed_steps):
-        if step == warmup_steps:
-            start.record()
-        train_step(runner, optimizer, x)
-    end.record()
-    torch.cuda.synchronize()
-    dt = start.elapsed_time(end) / 1e3 / timed_steps
-    if profile:  # every rank steps (DDP all-reduces), rank 0 reports
-        kernel_ms = profile_kernels(lambda: train_step(runner, optimizer, x))
-        if rank == 0:
-            print(f"{variant} {'compiled' if compiled else 'eager'} fused={spec}: of {1e3 * dt:.1f} ms/step, "
-                  "GPU kernels " + ", ".join(f"{k} {v:.1f} ms" for k, v in kernel_ms.items()), flush=True)
+    with sdpa_kernel(ATTENTION[backend], set_priority=True):  # compiled code takes the backend when it is traced
+        q = torch.empty(batch, final.n_head, block_size, head_dim, device=device, dtype=torch.bfloat16)
+        attention_ran = SDPBackend(torch._fused_sdp_choice(q, q, q, None, 0.0, True)).name  # shows a fallback
+        for step in range(warmup_steps + timed_steps):
+            if step == warmup_steps:
+                start.record()
+            train_step(runner, optimizer, x)
+        end.record()
+        torch.cuda.synchronize()
+        dt = start.elapsed_time(end) / 1e3 / timed_steps
+        if profile:  # every rank steps (DDP all-reduces), rank 0 reports
+            kernel_ms = profile_kernels(lambda: train_step(runner, optimizer, x))
+            if rank == 0:
+                kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in kernel_ms.items())
+                print(f"{variant} {'compiled' if compiled else 'eager'} fused={spec} attention={backend}: of "
+                      f"{1e3 * dt:.1f} ms/step, GPU kernels {kinds}", flush=True)
     tok_per_s = micro_steps * batch * block_size / dt  # per GPU
     counters = torch._dynamo.utils.counters
-    return dict(variant=variant, compiled=compiled, fused_kernels=spec, batch_size=batch, gpus=world,
-                blocks=sum(1 for _ in model.parameters()), step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
+    return dict(variant=variant, compiled=compiled, fused_kernels=spec, attention=attention_ran, batch_size=batch,
+                gpus=world, blocks=sum(1 for _ in model.parameters()), step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
                 mfu=model.flops_per_token(block_size) * tok_per_s / peak_flops,
                 compiled_frames=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
@@ -280,11 +296,12 @@ def bench(variant, compiled, spec):
 results = []
 for variant in variants.split(","):
     for mode in compile_modes.split(","):
-        for spec in runs:
-            r = bench(variant, mode == "compiled", spec)
+        for spec, backend in itertools.product(runs, attention.split(",")):
+            r = bench(variant, mode == "compiled", spec, backend)
             results.append(r)
             if rank == 0:  # graph breaks: the fused cross-entropy's one is on purpose (torch.compiler.disable)
-                print(f"{variant:9s} {mode:8s} fused={spec:5s} batch {r['batch_size']:3d} {r['blocks']:4d} blocks  "
+                print(f"{variant:9s} {mode:8s} fused={spec:5s} {r['attention'][:5].lower():5s} "
+                      f"batch {r['batch_size']:3d} {r['blocks']:4d} blocks  "
                       f"{r['step_ms']:8.1f} ms/step  {r['tok_per_s_per_gpu']:10,.0f} tok/s/GPU  "
                       f"MFU {100 * r['mfu']:5.1f}%  graphs {r['compiled_frames']} breaks {r['graph_breaks']}  "
                       f"peak {r['peak_mem_gb']:.1f} GiB", flush=True)
