@@ -5,9 +5,9 @@ CUDA events. In one run it compares, for the shape of a config:
     grown      the same shape reached by growing through three generations, blocks not condensed
     condensed  the grown model with its blocks merged into one per weight
 each eager and compiled (per block and head), each with today's kernels or liger-kernel's fused
-ones (fused_kernels), and each with flash attention or cuDNN's (attention: the backend torch's
-attention tries first). A run with other kernels than today's first checks its loss and gradients
-against today's code, and is not timed if they differ. A step is micro_steps forward/backward
+ones (fused_kernels), and each with the attention backend torch picks or flash or cuDNN first
+(attention). A run with other kernels than today's first checks its loss and gradients against
+today's code, and is not timed if they differ. A step is micro_steps forward/backward
 passes of batch_size x block_size tokens and one optimizer step, as a training iteration on one
 GPU. MFU counts 6 FLOPs per weight per token plus attention with the causal discount (only the
 lower triangle of the scores is computed).
@@ -15,7 +15,8 @@ lower triangle of the scores is computed).
     python bench.py config/stage1.py
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --profile=True  # where the time goes
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --fused_kernels=none,all  # liger's
-    python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --attention=flash,cudnn --profile=True
+    python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --attention=default,flash,cudnn \
+        --profile=True  # the attention backends
     torchrun --standalone --nproc_per_node=2 bench.py config/stage1.py --variants=fresh  # DDP scaling
 
 With --sample=True it times generation instead, at batch 1 on a random model of the config's shape (bf16 on
@@ -48,6 +49,7 @@ from contextlib import nullcontext
 
 import torch
 import torch._dynamo
+import torch._functorch.config
 import torch.distributed as dist
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -67,7 +69,7 @@ peak_flops_name = "H100/H200 SXM bf16 dense"
 out_json = ""  # also write the results here
 profile = False  # after timing, profile 3 steps and print GPU time by kind of kernel
 fused_kernels = "none"  # comma-separated runs, each 'none', 'all' or ops of model.FUSABLE joined by '+'
-attention = "flash"  # comma-separated runs, each 'flash' (today: torch's first choice on an H100/H200) or 'cudnn'
+attention = "default"  # comma-separated runs, each 'default' (torch's own order: today's code), 'flash' or 'cudnn'
 fused_batch_size = 0  # the fused runs' micro-batch (0: batch_size): the fused cross-entropy holds no logits
 sample = False  # time generation instead (batch 1; CPU too)
 sample_modes = "none,dynamic,static,compiled"
@@ -149,10 +151,24 @@ except ValueError as e:
 load_fused_kernels(frozenset().union(*runs.values()), device)  # refused now, not after the other runs
 # the order in which scaled_dot_product_attention tries its backends; each falls back to the next where it cannot run
 FALLBACKS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-ATTENTION = {"flash": [SDPBackend.FLASH_ATTENTION, *FALLBACKS],
+ATTENTION = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION, *FALLBACKS],
              "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, *FALLBACKS]}
 if not set(attention.split(",")) <= set(ATTENTION):
     raise SystemExit(f"bench.py: --attention={attention}: pick from {','.join(ATTENTION)}")
+# AOTAutograd's cache keys a compiled block by its traced graph, where attention is still one generic op: a run
+# under another backend order would reuse the previous run's kernels
+torch._functorch.config.enable_autograd_cache = False
+
+
+def attention_order(backend):
+    return nullcontext() if ATTENTION[backend] is None else sdpa_kernel(ATTENTION[backend], set_priority=True)
+
+
+def attention_backend(backend, batch):
+    """The backend torch's attention picks for a training step's shapes under backend's order."""
+    q = torch.empty(batch, final.n_head, block_size, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+    with attention_order(backend):
+        return SDPBackend(torch._fused_sdp_choice(q, q, q, None, 0.0, True)).name
 torch.backends.cuda.matmul.allow_tf32 = True
 
 
@@ -194,7 +210,7 @@ def loss_and_grads(model, x, rows, backend):
     """The mean loss of model on x (as its own targets) and every parameter's gradient, rows of x at a time."""
     loss_sum = 0.0
     for chunk in x.split(rows):
-        with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_kernel(ATTENTION[backend], set_priority=True):
+        with torch.autocast("cuda", dtype=torch.bfloat16), attention_order(backend):
             _, loss = model(chunk, chunk)
         (loss * len(chunk) / len(x)).backward()
         loss_sum += loss.item() * len(chunk)
@@ -205,9 +221,10 @@ def loss_and_grads(model, x, rows, backend):
 
 def check_kernels(model, reference, kernels, backend, x):
     """Refuse to time kernels (SystemExit) whose loss or gradients on x are not today's code's (reference, eager,
-    the same weights, flash attention; 8 rows at a time, so that a batch only the fused head fits still runs)."""
+    the same weights, torch's own attention backend; 8 rows at a time, so that a batch only the fused head fits
+    still runs)."""
     loss, grads = loss_and_grads(model, x, len(x), backend)
-    ref_loss, ref_grads = loss_and_grads(reference, x, 8, "flash")
+    ref_loss, ref_grads = loss_and_grads(reference, x, 8, "default")
     rel = {n: ((grads[n] - g).norm() / g.norm()).item() for n, g in ref_grads.items()}
     worst = max(rel, key=lambda n: rel[n] if math.isfinite(rel[n]) else math.inf)
     said = (f"loss {loss:.6f} against today's {ref_loss:.6f}, gradients off by up to {rel[worst]:.2%} of their norm "
@@ -229,7 +246,8 @@ def unfused_copy(model):
 
 
 KERNEL_KINDS = [("liger", r"^_rms_norm|^_triton_rope|^_swiglu|liger_cross_entropy|element_mul"),
-                ("attention", r"sdpa|flash|fmha|attn|cudnn"), ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|matmul"),
+                ("attention (cuDNN)", r"cudnn"), ("attention", r"sdpa|flash|fmha|attn"),
+                ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|matmul"),
                 ("adamw", r"adam"), ("elementwise (inductor)", r"^triton_")]
 
 
@@ -251,7 +269,7 @@ def bench(variant, compiled, spec, backend):
     torch._dynamo.reset()  # no graphs or dynamic-shape decisions carried over from the previous variant
     model = build(variant).to(device)
     fused = runs[spec]
-    checked = fused or backend != "flash"
+    checked = fused or backend != "default"
     reference = unfused_copy(model) if checked else None
     model.use_fused_kernels(fused)
     if compiled:
@@ -268,9 +286,7 @@ def bench(variant, compiled, spec, backend):
     runner = DDP(model, device_ids=[device.index]) if ddp and not fsdp else model
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the check's
-    with sdpa_kernel(ATTENTION[backend], set_priority=True):  # compiled code takes the backend when it is traced
-        q = torch.empty(batch, final.n_head, block_size, head_dim, device=device, dtype=torch.bfloat16)
-        attention_ran = SDPBackend(torch._fused_sdp_choice(q, q, q, None, 0.0, True)).name  # shows a fallback
+    with attention_order(backend):  # compiled code takes the backend when it is traced
         for step in range(warmup_steps + timed_steps):
             if step == warmup_steps:
                 start.record()
@@ -286,8 +302,9 @@ def bench(variant, compiled, spec, backend):
                       f"{1e3 * dt:.1f} ms/step, GPU kernels {kinds}", flush=True)
     tok_per_s = micro_steps * batch * block_size / dt  # per GPU
     counters = torch._dynamo.utils.counters
-    return dict(variant=variant, compiled=compiled, fused_kernels=spec, attention=attention_ran, batch_size=batch,
-                gpus=world, blocks=sum(1 for _ in model.parameters()), step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
+    return dict(variant=variant, compiled=compiled, fused_kernels=spec, attention=backend,
+                attention_picked=attention_backend(backend, batch), batch_size=batch, gpus=world,
+                blocks=sum(1 for _ in model.parameters()), step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
                 mfu=model.flops_per_token(block_size) * tok_per_s / peak_flops,
                 compiled_frames=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
                 peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30)
@@ -300,13 +317,14 @@ for variant in variants.split(","):
             r = bench(variant, mode == "compiled", spec, backend)
             results.append(r)
             if rank == 0:  # graph breaks: the fused cross-entropy's one is on purpose (torch.compiler.disable)
-                print(f"{variant:9s} {mode:8s} fused={spec:5s} {r['attention'][:5].lower():5s} "
+                print(f"{variant:9s} {mode:8s} fused={spec:5s} attention {backend}: {r['attention_picked']:<15s} "
                       f"batch {r['batch_size']:3d} {r['blocks']:4d} blocks  "
                       f"{r['step_ms']:8.1f} ms/step  {r['tok_per_s_per_gpu']:10,.0f} tok/s/GPU  "
                       f"MFU {100 * r['mfu']:5.1f}%  graphs {r['compiled_frames']} breaks {r['graph_breaks']}  "
                       f"peak {r['peak_mem_gb']:.1f} GiB", flush=True)
 if rank == 0:
-    print(f"{torch.cuda.get_device_name()}, {world} GPU(s){' under FSDP2' if fsdp else ''}, {micro_steps} "
+    print(f"{torch.cuda.get_device_name()}, {world} GPU(s){' under FSDP2' if fsdp else ''}, torch {torch.__version__}, "
+          f"cuDNN {torch.backends.cudnn.version()}, {micro_steps} "
           f"micro-steps of {block_size} tokens per row per step, MFU against {peak_flops / 1e12:.0f} TFLOP/s "
           f"({peak_flops_name}), causal attention FLOPs")
     if out_json:
