@@ -455,7 +455,9 @@ def study_results(names):
             scratch_best=best, frontier=frontier.tolist(),
             frontier_seeds={str(k): [dict(seed=s, flops=f, bpb=b) for s, f, b in pts]
                             for k, pts in sorted(sweeps[best].items())},
-            lr_frontiers=lr_frontiers, other_shapes={v: fr.tolist() for v, (fr, _) in others.items()})
+            lr_frontiers=lr_frontiers, other_shapes={v: fr.tolist() for v, (fr, _) in others.items()},
+            mixed_stable_runs=[dict(variant=v, seed=s, branched_from=logs) for (v, s), logs
+                               in sorted(stable_logs([n for n in mine if parse(n)[1] in sweeps]).items())])
         branch = next(n for n in mine if parse(n)[1] == best and parse(n)[3].startswith("cd"))
         flops_per_token = np.divide(*final_eval(branch, "flops", "tokens"))  # the final shape's
         for n in mine:
@@ -545,6 +547,10 @@ def print_table(results):
               + ", ".join(f"({f:.3g}, {b:.4f})" for f, b in r["frontier"]))
         for variant, fr in r["other_shapes"].items():
             print(f"  another scratch shape, {variant}: " + ", ".join(f"({f:.3g}, {b:.4f})" for f, b in fr))
+        for m in r["mixed_stable_runs"]:
+            print(f"  {m['variant']} seed {m['seed']}: its branches came from different runs of its stable phase, "
+                  "a frontier with the reruns' noise: "
+                  + ", ".join(f"{k} from {v}" for k, v in m["branched_from"].items()))
         shapes = bool(r["other_shapes"])
         print("| candidate | seeds | val bpb | FLOPs ratio at equal quality | against each scratch seed "
               "| bpb gap at equal FLOPs | = cost per token x token ratio |" + (" against any scratch shape |" * shapes))
@@ -622,16 +628,40 @@ def plot(regime, results, png):
     fig.savefig(png, dpi=110, bbox_inches="tight")
 
 
+def parent_log(ckpt_path, val_bpb, at_iter=None):
+    """Of the logs of the run that wrote ckpt_path (the study's, its reruns'), the one whose eval at at_iter (None:
+    its last) is val_bpb; None if none is."""
+    parent = os.path.relpath(os.path.dirname(ckpt_path), OUT)
+    for path in [log_copy(parent), *sorted(glob.glob(f"{rerun_stem(parent)}__rerun*.jsonl"))]:
+        evals = read_evals(path)
+        at = evals[-1:] if at_iter is None else [e for e in evals if e["iter"] == at_iter]
+        if any(e["val_bpb"] == val_bpb for e in at):
+            return path
+    return None
+
+
 def stage_chain(name):
     """A ladder's stages' logs, from stage 1's to `name`'s, read off each log's grow event: grow_from names the
     parent, and of its logs (the study's, a rerun's) the one whose last eval is the bpb the child grew from."""
     chain = [log_copy(name)]
     while (grow := next((e for e in read_log(chain[-1]) if e["event"] == "grow"), None)) is not None:
-        parent = os.path.relpath(os.path.dirname(grow["grow_from"]), OUT)
-        logs = [log_copy(parent), *sorted(glob.glob(f"{rerun_stem(parent)}__rerun*.jsonl"))]
-        chain.append(next((p for p in logs if [e["val_bpb"] for e in read_evals(p)][-1:] == [grow["parent_val_bpb"]]),
-                          logs[0]))
+        found = parent_log(grow["grow_from"], grow["parent_val_bpb"])
+        chain.append(found or log_copy(os.path.relpath(os.path.dirname(grow["grow_from"]), OUT)))
     return chain[::-1]
+
+
+def stable_logs(names):
+    """{(variant, seed): {branch iteration: the log of the stable run it branched from}} for the scratch frontiers
+    whose branches came from different runs of their stable phase (rerun as the parent of a missing branch): the
+    frontier then holds the reruns' noise."""
+    found = {}
+    for n in names:
+        _, variant, seed, part = parse(n)
+        branch = next((e for e in read_log(log_copy(n)) if e["event"] == "branch"), None)
+        if branch is not None and "parent_val_bpb" in branch:
+            log = parent_log(branch["branch_from"], branch["parent_val_bpb"], branch["iter"])
+            found.setdefault((variant, seed), {})[branch["iter"]] = os.path.basename(log or "not found")
+    return {k: v for k, v in found.items() if len(set(v.values())) > 1}
 
 
 if __name__ == "__main__":

@@ -210,3 +210,40 @@ def test_a_ladders_curve_follows_the_parent_it_grew_from_a_rerun_included(tmp_pa
     assert first.endswith("t__ref__s1337__s1__rerun1.jsonl") and second == experiment.log_copy("t/ref/s1337/s2")
     log(tmp_path / "study" / "t__ref__s1337__s2.jsonl", {**grow, "parent_val_bpb": 1.50}, evals(1.40))
     assert experiment.stage_chain("t/ref/s1337/s2")[0] == experiment.log_copy("t/ref/s1337/s1")
+
+
+def test_a_branch_logs_the_bpb_of_the_checkpoint_it_branched_from(study):
+    logs = study / "assets" / "study"
+    stable = {e["iter"]: e["val_bpb"] for e in map(json.loads, open(logs / "tiny__scratch_lr0.003__s1337__stable.jsonl"))
+              if e["event"] == "eval"}
+    branches = sorted(logs.glob("tiny__scratch_lr0.003__s1337__cd*.jsonl"))
+    assert len(branches) == 2
+    for path in branches:
+        event = json.loads(path.read_text().splitlines()[0])
+        assert event["event"] == "branch" and event["parent_val_bpb"] == stable[event["iter"]]
+
+
+def test_a_frontier_whose_branches_came_from_different_stable_runs_is_named(tmp_path, monkeypatch, capsys):
+    import experiment
+    monkeypatch.setattr(experiment, "LOGS", str(tmp_path / "study"))
+
+    def log(path, *events):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+    def evals(*bpbs):
+        return [{"event": "eval", "iter": 4 * (k + 1), "flops": 4.0 * (k + 1), "val_bpb": b} for k, b in enumerate(bpbs)]
+    log(tmp_path / "study" / "t__scratch_lr0.001__s1337__stable.jsonl", *evals(1.60, 1.50))
+    log(tmp_path / "study_reruns" / "t__scratch_lr0.001__s1337__stable__rerun1.jsonl", *evals(1.59, 1.49))
+    names = ["t/scratch_lr0.001/s1337/stable", "t/scratch_lr0.001/s1337/cd4", "t/scratch_lr0.001/s1337/cd8"]
+
+    def branches(bpb4, bpb8):
+        for part, it, bpb in (("cd4", 4, bpb4), ("cd8", 8, bpb8)):
+            event = {"event": "branch", "iter": it, "parent_val_bpb": bpb,
+                     "branch_from": f"{experiment.OUT}/t/scratch_lr0.001/s1337/stable/ckpt_{it}.pt"}
+            log(tmp_path / "study" / f"t__scratch_lr0.001__s1337__{part}.jsonl", event, *evals(bpb - 0.1))
+    branches(1.60, 1.50)  # both from the study's stable run
+    assert experiment.stable_logs(names) == {}
+    branches(1.60, 1.49)  # the second from its rerun
+    assert experiment.stable_logs(names) == {("scratch_lr0.001", 1337): {
+        4: "t__scratch_lr0.001__s1337__stable.jsonl", 8: "t__scratch_lr0.001__s1337__stable__rerun1.jsonl"}}

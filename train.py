@@ -378,7 +378,8 @@ def branch(ckpt):
             if ckpt["config"].get(k, config[k]) != config[k]}
     if kept:
         log(f"warning: a branch keeps the parent's learning-rate records, so these do nothing here: {kept}")
-    return dict(continued(ckpt), model=model_from_checkpoint(ckpt), stage_start=ckpt["iter_num"], born=set())
+    return dict(continued(ckpt), model=model_from_checkpoint(ckpt), stage_start=ckpt["iter_num"], born=set(),
+                parent_val_bpb=ckpt["last_val_bpb"])
 
 
 def parent_tier(data):
@@ -432,8 +433,9 @@ t_load, parent = time.time(), None
 if init_from == "scratch":
     run = scratch()
 else:
-    # all three go on from the checkpoint's run (tier_ramp is optional); a growth also reads the parent's last_val_bpb
-    keys = CHECKPOINT_KEYS + RESUME_KEYS + (("last_val_bpb",) if init_from == "grow" else ())
+    # all three go on from the checkpoint's run (tier_ramp is optional); a growth or branch also reads the parent's
+    # last_val_bpb, which its log records: of a parent run more than once, it tells which run's checkpoint it was
+    keys = CHECKPOINT_KEYS + RESUME_KEYS + (("last_val_bpb",) if init_from in ("grow", "branch") else ())
     # not scanned for NaN on load (every rank would read the whole file): train.py never saves one, and the
     # divergence guard stops a run from one at its first step
     ckpt = load_checkpoint({"resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from], keys,
@@ -457,6 +459,7 @@ if run["rng"] is not None and init_from in ("resume", "branch") and master:
     if "cuda" in run["rng"] and device_type == "cuda":  # dropout on the GPU draws from the device's generator
         torch.cuda.set_rng_state(run["rng"]["cuda"])
 scaler_state = run.get("scaler") if init_from in ("resume", "branch") else None
+branched_from_bpb = run.get("parent_val_bpb")  # a branch's parent's last eval: its log records it
 del run
 model.to(device)
 model.use_fused_kernels(fused)
@@ -556,7 +559,8 @@ if parent is not None:  # function preservation in practice: the parent's tier, 
         f"this tier {bpb:.5f}")
     del parent
 if init_from == "branch":
-    log_event(dict(event="branch", iter=iter_num, tokens=tokens_total, flops=flops_total, branch_from=branch_from))
+    log_event(dict(event="branch", iter=iter_num, tokens=tokens_total, flops=flops_total, branch_from=branch_from,
+                   parent_val_bpb=branched_from_bpb))
 
 schedules = {g["gen"]: g for g in generations}
 end_iter = stage_start + max_iters
