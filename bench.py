@@ -84,6 +84,12 @@ parallelism = "ddp"  # 'ddp' | 'fsdp' (FSDP2 as train.py; under torchrun, where 
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 final = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
                   ffn_hidden=ffn_hidden, block_size=block_size)
+# the order in which scaled_dot_product_attention tries its backends; each falls back to the next where it cannot run
+FALLBACKS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ATTENTION = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION, *FALLBACKS],
+             "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, *FALLBACKS]}
+if not set(attention.split(",")) <= set(ATTENTION):
+    raise SystemExit(f"bench.py: --attention={attention}: pick from {','.join(ATTENTION)}")
 
 
 def seconds(fn, sync):
@@ -149,12 +155,6 @@ try:
 except ValueError as e:
     raise SystemExit(str(e))
 load_fused_kernels(frozenset().union(*runs.values()), device)  # refused now, not after the other runs
-# the order in which scaled_dot_product_attention tries its backends; each falls back to the next where it cannot run
-FALLBACKS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-ATTENTION = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION, *FALLBACKS],
-             "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, *FALLBACKS]}
-if not set(attention.split(",")) <= set(ATTENTION):
-    raise SystemExit(f"bench.py: --attention={attention}: pick from {','.join(ATTENTION)}")
 # AOTAutograd's cache keys a compiled block by its traced graph, where attention is still one generic op: a run
 # under another backend order would reuse the previous run's kernels
 torch._functorch.config.enable_autograd_cache = False

@@ -155,6 +155,12 @@ def test_bench_samples_on_the_cpu():
     assert out.count(" tokens/s ") == 6 and "16 prompt + 4 new tokens, cpu, float32" in out
 
 
+
+def test_bench_refuses_an_unknown_attention_backend_in_one_line():
+    r = subprocess.run([sys.executable, "bench.py", "config/stage1.py", "--attention=flash,fa3"], capture_output=True,
+                       text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 1 and r.stderr.strip() == "bench.py: --attention=flash,fa3: pick from default,flash,cudnn"
+
 def test_sample_cli(ckpt_path, capsys):
     sample.main(["--ckpt", ckpt_path, "--tokenizer", LLAMA2, "--prompt", "ROMEO:", "--num_samples", "2",
                  "--max_new_tokens", "10", "--device", "cpu"])
