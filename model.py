@@ -352,12 +352,12 @@ def fused_linear_cross_entropy(x, weight, targets):
 
 
 @dataclass
-class GPTConfig:
-    vocab_size: int = 32000
-    n_layer: int = 8
-    n_head: int = 4
+class GPTConfig:  # the defaults are the ladder's stage 1 (config/stage1.py, 56M)
+    vocab_size: int = 4096
+    n_layer: int = 10
+    n_head: int = 5
     head_dim: int = 128
-    ffn_hidden: int = 1536
+    ffn_hidden: int = 1792
     block_size: int = 2048
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
