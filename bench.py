@@ -284,6 +284,7 @@ def bench(variant, compiled, spec, backend):
         model.shard(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=True)
     runner = DDP(model, device_ids=[device.index]) if ddp and not fsdp else model
+    picked = attention_backend(backend, batch)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.reset_peak_memory_stats()  # the timed steps' peak, not the check's
     with attention_order(backend):  # compiled code takes the backend when it is traced
@@ -303,7 +304,7 @@ def bench(variant, compiled, spec, backend):
     tok_per_s = micro_steps * batch * block_size / dt  # per GPU
     counters = torch._dynamo.utils.counters
     return dict(variant=variant, compiled=compiled, fused_kernels=spec, attention=backend,
-                attention_picked=attention_backend(backend, batch), batch_size=batch, gpus=world,
+                attention_picked=picked, batch_size=batch, gpus=world,
                 blocks=sum(1 for _ in model.parameters()), step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
                 mfu=model.flops_per_token(block_size) * tok_per_s / peak_flops,
                 compiled_frames=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
