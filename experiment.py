@@ -628,10 +628,15 @@ def plot(regime, results, png):
     fig.savefig(png, dpi=110, bbox_inches="tight")
 
 
+def run_of(ckpt_path):
+    """The name of the run that wrote a checkpoint under OUT."""
+    return os.path.relpath(os.path.dirname(ckpt_path), OUT)
+
+
 def parent_log(ckpt_path, val_bpb, at_iter=None):
     """Of the logs of the run that wrote ckpt_path (the study's, its reruns'), the one whose eval at at_iter (None:
     its last) is val_bpb; None if none is."""
-    parent = os.path.relpath(os.path.dirname(ckpt_path), OUT)
+    parent = run_of(ckpt_path)
     for path in [log_copy(parent), *sorted(glob.glob(f"{rerun_stem(parent)}__rerun*.jsonl"))]:
         evals = read_evals(path)
         at = evals[-1:] if at_iter is None else [e for e in evals if e["iter"] == at_iter]
@@ -646,7 +651,7 @@ def stage_chain(name):
     chain = [log_copy(name)]
     while (grow := next((e for e in read_log(chain[-1]) if e["event"] == "grow"), None)) is not None:
         found = parent_log(grow["grow_from"], grow["parent_val_bpb"])
-        chain.append(found or log_copy(os.path.relpath(os.path.dirname(grow["grow_from"]), OUT)))
+        chain.append(found or log_copy(run_of(grow["grow_from"])))
     return chain[::-1]
 
 
@@ -656,7 +661,7 @@ def stable_logs(names):
     frontier then holds the reruns' noise."""
     found = {}
     for n in names:
-        _, variant, seed, part = parse(n)
+        _, variant, seed, _ = parse(n)
         branch = next((e for e in read_log(log_copy(n)) if e["event"] == "branch"), None)
         if branch is not None and "parent_val_bpb" in branch:
             log = parent_log(branch["branch_from"], branch["parent_val_bpb"], branch["iter"])
