@@ -603,12 +603,12 @@ def plot(regime, results, png):
     stable = curve([log_copy(f"{regime}/{r['scratch_best']}/s{SEEDS[0]}/stable")])  # what the branches cool down from
     ax.plot(stable[:, 0], stable[:, 1], "k--", alpha=0.4, label=f"its stable run (no cooldown), seed {SEEDS[0]}")
     cands = {k.split("/", 1)[1]: v for k, v in results["candidates"].items() if k.startswith(f"{regime}/")}
-    # the reference, and the best of the most-seeded candidates (one seed's lead is within the seed range) against
-    # any scratch shape and against the final one's, where they differ
-    best = [min(cands, key=lambda v: (-len(cands[v]["seeds"]), cands[v][key]["mean"])) if cands else "ref"
-            for key in ("flops_ratio_any_shape", "flops_ratio")]
+    # the reference, the best of the most-seeded candidates (one seed's lead is within the seed range) against any
+    # scratch shape and against the final one's, and the best screened so far, where they differ
+    best = [min(cands, key=lambda v: (-len(cands[v]["seeds"]) * seeded, cands[v][key]["mean"])) if cands else "ref"
+            for key, seeded in (("flops_ratio_any_shape", 1), ("flops_ratio", 1), ("flops_ratio", 0))]
     shown = list(dict.fromkeys(["ref", *best]))
-    for variant, color in zip(shown, ("C0", "C3", "C2")):
+    for variant, color in zip(shown, ("C0", "C3", "C2", "C1")):
         if variant not in cands:
             continue
         last = next(x["run"] for x in results["runs"] if x["regime"] == regime and x["variant"] == variant)
