@@ -66,6 +66,11 @@ REGIMES = {
                  # regime c's two best timings: every shape the same iterations (800 each: cost per token 0.55), and
                  # short small stages before the final shape on the rest of the budget (500, 500, 1661: 0.75)
                  "even3": [("small", [], 800 / 1500), ("mid", NEW2X, 800 / 1500), ("final", NEW2X, 800 / 1500)],
+                 # even3 won its screen (0.90) at two thirds of scratch's FLOPs: the same timing on all of them
+                 # (1200 each, the final shape on the rest), and with every generation at the stage's peak (new2x
+                 # did not help the reference here: 1.06 against 1.00)
+                 "even3_long": [("small", [], 1200 / 1500), ("mid", NEW2X, 1200 / 1500), ("final", NEW2X, None)],
+                 "even3_1x": [("small", [], 800 / 1500), ("mid", GROW, 800 / 1500), ("final", GROW, 800 / 1500)],
                  "steps3": [("small", [], 500 / 1500), ("mid", NEW2X, 500 / 1500), ("final", NEW2X, None)],
                  # new2x's last growth also takes the vocabulary from 8192 to 32000, and its 134.1M stage needs 300 of
                  # its 1101 iterations to get back to the parent's bpb (1.9988 after growth, 1.3924 at 300): the tier
