@@ -251,17 +251,22 @@ KERNEL_KINDS = [("liger", r"^_rms_norm|^_triton_rope|^_swiglu|liger_cross_entrop
                 ("adamw", r"adam"), ("elementwise (inductor)", r"^triton_")]
 
 
-def profile_kernels(step, steps=3):
-    """GPU time per step by kind of kernel (by name: cuBLAS, cuDNN, inductor's Triton, AdamW), in ms."""
+def profile_kernels(step, steps=3, top=8):
+    """GPU time per step by kind of kernel (by name: cuBLAS, cuDNN, inductor's Triton, AdamW), in ms, and the top
+    kernels that are not GEMMs or attention, [(name, ms)]: inductor names a kernel by the ops it fused."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     kinds = dict.fromkeys([k for k, _ in KERNEL_KINDS] + ["other"], 0.0)
+    rest = []
     for event in prof.key_averages():
         kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, event.key, re.I)), "other")
-        kinds[kind] += event.self_device_time_total / steps / 1e3
-    return kinds
+        ms = event.self_device_time_total / steps / 1e3
+        kinds[kind] += ms
+        if kind in ("elementwise (inductor)", "other", "liger"):
+            rest.append((event.key, ms))
+    return kinds, sorted(rest, key=lambda kernel: -kernel[1])[:top]
 
 
 def bench(variant, compiled, spec, backend):
@@ -296,11 +301,13 @@ def bench(variant, compiled, spec, backend):
         torch.cuda.synchronize()
         dt = start.elapsed_time(end) / 1e3 / timed_steps
         if profile:  # every rank steps (DDP all-reduces), rank 0 reports
-            kernel_ms = profile_kernels(lambda: train_step(runner, optimizer, x))
+            kernel_ms, slowest = profile_kernels(lambda: train_step(runner, optimizer, x))
             if rank == 0:
                 kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in kernel_ms.items())
                 print(f"{variant} {'compiled' if compiled else 'eager'} fused={spec} attention={backend}: of "
                       f"{1e3 * dt:.1f} ms/step, GPU kernels {kinds}", flush=True)
+                for name, ms in slowest:
+                    print(f"    {ms:6.2f} ms  {name[:110]}", flush=True)
     tok_per_s = micro_steps * batch * block_size / dt  # per GPU
     counters = torch._dynamo.utils.counters
     return dict(variant=variant, compiled=compiled, fused_kernels=spec, attention=backend,
