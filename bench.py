@@ -67,7 +67,7 @@ compile_modes = "eager,compiled"
 peak_flops = 989e12
 peak_flops_name = "H100/H200 SXM bf16 dense"
 out_json = ""  # also write the results here
-profile = False  # after timing, profile 3 steps and print GPU time by kind of kernel
+profile = False  # after timing, profile 3 steps: GPU time by kind of kernel, and the slowest elementwise kernels
 fused_kernels = "none"  # comma-separated runs, each 'none', 'all' or ops of model.FUSABLE joined by '+'
 attention = "default"  # comma-separated runs, each 'default' (torch's own order: today's code), 'flash' or 'cudnn'
 fused_batch_size = 0  # the fused runs' micro-batch (0: batch_size): the fused cross-entropy holds no logits
@@ -252,8 +252,9 @@ KERNEL_KINDS = [("liger", r"^_rms_norm|^_triton_rope|^_swiglu|liger_cross_entrop
 
 
 def profile_kernels(step, steps=3, top=8):
-    """GPU time per step by kind of kernel (by name: cuBLAS, cuDNN, inductor's Triton, AdamW), in ms, and the top
-    kernels that are not GEMMs or attention, [(name, ms)]: inductor names a kernel by the ops it fused."""
+    """GPU time per step by kind of kernel (by name: cuBLAS, cuDNN, inductor's Triton, AdamW), in ms, and the
+    slowest kernels of the other kinds, [(name, launches per step, ms)]: inductor names a kernel by the ops it
+    fused, and kernels of one name are summed."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -264,9 +265,9 @@ def profile_kernels(step, steps=3, top=8):
         kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, event.key, re.I)), "other")
         ms = event.self_device_time_total / steps / 1e3
         kinds[kind] += ms
-        if kind in ("elementwise (inductor)", "other", "liger"):
-            rest.append((event.key, ms))
-    return kinds, sorted(rest, key=lambda kernel: -kernel[1])[:top]
+        if kind not in ("gemm", "attention", "attention (cuDNN)", "adamw"):
+            rest.append((event.key, event.count // steps, ms))
+    return kinds, sorted(rest, key=lambda kernel: -kernel[2])[:top]
 
 
 def bench(variant, compiled, spec, backend):
@@ -306,8 +307,9 @@ def bench(variant, compiled, spec, backend):
                 kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in kernel_ms.items())
                 print(f"{variant} {'compiled' if compiled else 'eager'} fused={spec} attention={backend}: of "
                       f"{1e3 * dt:.1f} ms/step, GPU kernels {kinds}", flush=True)
-                for name, ms in slowest:
-                    print(f"    {ms:6.2f} ms  {name[:110]}", flush=True)
+                print("  the slowest kernels that are not GEMMs, attention or AdamW:")
+                for name, launches, ms in slowest:
+                    print(f"    {ms:6.2f} ms in {launches:3d} launches  {name[:100]}", flush=True)
     tok_per_s = micro_steps * batch * block_size / dt  # per GPU
     counters = torch._dynamo.utils.counters
     return dict(variant=variant, compiled=compiled, fused_kernels=spec, attention=backend,
