@@ -368,8 +368,8 @@ class GPTConfig:  # the defaults are the ladder's stage 1 (config/stage1.py, 56M
         return self.n_head * self.head_dim
 
     def __post_init__(self):
-        for k in ("vocab_size", "n_layer", "n_head", "head_dim", "block_size"):
-            if getattr(self, k) <= 0:
+        for k in ("vocab_size", "n_layer", "n_head", "head_dim", "block_size", "rope_theta", "norm_eps"):
+            if not getattr(self, k) > 0:  # (also refuses nan)
                 raise ValueError(f"GPTConfig: {k}={getattr(self, k)} must be positive")
         if self.head_dim % 2:
             raise ValueError(f"GPTConfig: head_dim={self.head_dim} must be even for RoPE")

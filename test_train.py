@@ -511,6 +511,15 @@ def bad_inputs(data, tmp):
          "fused_kernels=rope+swiglu runs liger-kernel's Triton kernels, which need a CUDA device, not cpu"),
         ("an unknown fused kernel", ["config/tiny_stage1.py", v512, "--fused_kernels=rmsnorm"],
          "fused_kernels='rmsnorm': 'rmsnorm' is not one of"),
+        ("a device train.py does not run on", ["config/tiny_stage1.py", v512, "--device=meta"],
+         "device='meta': train.py runs on cpu or cuda"),
+        ("a negative lr_mult", ["config/tiny_stage1.py", v512, "--lr_mult=-1"], "lr_mult=-1.0 must be positive"),
+        ("a negative warmup", ["config/tiny_stage1.py", v512, "--warmup_iters=-5"], "warmup_iters=-5 must be >= 0"),
+        ("condense_upto below -1", ["config/tiny_stage1.py", v512, "--condense_upto=-5"],
+         "condense_upto=-5: pass a generation"),
+        ("a negative norm_eps", ["config/tiny_stage1.py", v512, "--norm_eps=-1"], "norm_eps=-1.0 must be positive"),
+        ("rope_theta zero", ["config/tiny_stage1.py", v512, "--rope_theta=0"], "rope_theta=0.0 must be positive"),
+        ("peak_flops zero", ["config/tiny_stage1.py", v512, "--peak_flops=0"], "peak_flops=0.0 must be positive"),
     ]
 
 
@@ -546,6 +555,28 @@ def test_an_out_dir_holding_a_run_is_refused_and_kept(ladder, data, tmp_path):
         r = run(*args, f"--out_dir={out_dir}")
         assert_one_line_error(r, "already holds a run")
         assert snapshot(out_dir) == before
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_anything_runs(data, tmp_path):
+    (tmp_path / "afile").write_text("keep me\n")
+    for out_dir in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        assert_one_line_error(run(*stage_args(data, 1), f"--out_dir={out_dir}"), "cannot be written")
+    assert (tmp_path / "afile").read_text() == "keep me\n"
+
+
+def test_a_finished_run_or_a_garbled_log_is_refused_on_resume_and_kept(ladder, data, tmp_path):
+    out_dir = tmp_path / "s1"
+    shutil.copytree(ladder[1], out_dir)
+    resume = [*stage_args(data, 1), f"--out_dir={out_dir}", "--init_from=resume"]
+    before = snapshot(out_dir)
+    assert_one_line_error(run(*resume), "nothing to train")  # its stage's max_iters are done
+    assert snapshot(out_dir) == before
+    with open(out_dir / "log.jsonl", "a") as f:
+        f.write('{"note": "not a record"}\n')
+    before = snapshot(out_dir)
+    more = [a for a in resume if not a.startswith("--max_iters")] + ["--max_iters=100"]
+    assert_one_line_error(run(*more), "holds a line that is not one of train.py's records")
+    assert snapshot(out_dir) == before
 
 
 def test_a_resume_that_changes_the_runs_schedule_or_optimizer_is_refused_and_kept(wsd_ladder, data, tmp_path):

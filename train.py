@@ -117,11 +117,12 @@ for key, allowed in (("init_from", ("scratch", "resume", "grow", "branch")), ("l
                      *GROWTH_OPTIONS.items()):
     if config[key] not in allowed:
         raise SystemExit(f"{key}={config[key]!r} is not one of {', '.join(allowed)}")
-for key in ("batch_size", "grad_accum_steps", "eval_interval", "eval_windows", "log_interval"):
+for key in ("batch_size", "grad_accum_steps", "eval_interval", "eval_windows", "log_interval", "lr_mult",
+            "peak_flops"):
     if config[key] <= 0:
         raise SystemExit(f"{key}={config[key]} must be positive")
 for key in ("cooldown_iters", "tier_ramp_iters", "snapshot_interval", "seed", "learning_rate", "min_lr",
-            "weight_decay", "grad_clip", "max_iters"):
+            "weight_decay", "grad_clip", "max_iters", "warmup_iters", "old_lr_mult"):
     if config[key] < 0:
         raise SystemExit(f"{key}={config[key]} must be >= 0")
 for key in ("beta1", "beta2", "dropout"):
@@ -136,10 +137,14 @@ for key, path in (("grow", grow_from), ("branch", branch_from)):
         raise SystemExit(f"init_from={key!r} needs --{key}_from=PATH/ckpt.pt")
 if not out_dir:
     raise SystemExit("out_dir is empty: pass --out_dir=DIR")
+if condense_upto < -1:
+    raise SystemExit(f"condense_upto={condense_upto}: pass a generation (0, 1, ...) or -1 (off)")
 try:
-    torch.device(device)
+    device_kind = torch.device(device).type
 except RuntimeError:
     raise SystemExit(f"device={device!r} is not a device torch knows: pass cpu, cuda or cuda:N") from None
+if device_kind not in ("cpu", "cuda"):
+    raise SystemExit(f"device={device!r}: train.py runs on cpu or cuda (cuda:N); pass one of those")
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise SystemExit(f"device={device!r} but this torch has no usable CUDA; pass --device=cpu (and --dtype=float32)")
 if dtype == "float16" and (not device.startswith("cuda") or parallelism == "fsdp"):
@@ -162,6 +167,13 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
+if master:  # here, not after minutes of loading, and without making it (a refused run writes nothing)
+    nearest = os.path.abspath(out_dir)  # the nearest folder that exists must take the run's files
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest) or not os.access(nearest, os.W_OK):
+        raise SystemExit(f"out_dir {out_dir} cannot be written ({nearest} is "
+                         f"{'a file' if not os.path.isdir(nearest) else 'read-only'}); pass another --out_dir")
 if grad_accum_steps % world:
     raise SystemExit(f"grad_accum_steps={grad_accum_steps} must be a multiple of the {world} ranks")
 if eval_windows % world:  # every rank evaluates its share: the same windows on any number of GPUs
@@ -196,8 +208,9 @@ if meta["vocab_size"] != vocab_size:
     raise SystemExit(f"data tier {data_dir} has vocab {meta['vocab_size']} but the model has {vocab_size}; "
                      f"set data_dir to the v{vocab_size} tier or vocab_size={meta['vocab_size']}")
 for split, data in bins.items():
-    if len(data) < block_size + 1:
-        raise SystemExit(f"{split}.bin in {data_dir} has {len(data)} tokens, fewer than block_size+1")
+    if len(data) < block_size + 2:  # a row and its targets, from at least two starts
+        raise SystemExit(f"{split}.bin in {data_dir} has {len(data)} tokens, too few for block_size={block_size}: "
+                         f"lower block_size below {len(data) - 1} or prepare more text")
 
 
 def old_tier_odds(ramp, it):
@@ -358,7 +371,12 @@ def resume(ckpt):
     log_path = os.path.join(out_dir, "log.jsonl")
     if master and os.path.exists(log_path):  # a killed run logged steps past its checkpoint: they run again
         with open(log_path) as f:
-            kept = [line for line in f if line.endswith("\n") and json.loads(line)["iter"] <= ckpt["iter_num"]]
+            lines = [line for line in f if line.endswith("\n")]  # a line cut short by the kill is dropped
+        try:
+            kept = [line for line in lines if json.loads(line)["iter"] <= ckpt["iter_num"]]
+        except (ValueError, KeyError, TypeError):
+            raise SystemExit(f"{log_path} holds a line that is not one of train.py's records; mend or remove that "
+                             "line, then resume") from None
         try:
             with open(log_path + ".tmp", "w") as f:
                 f.writelines(kept)
@@ -366,7 +384,7 @@ def resume(ckpt):
         except OSError as e:  # a full disk: the log stays as it was, with no partial copy beside it
             if os.path.exists(log_path + ".tmp"):
                 os.remove(log_path + ".tmp")
-            raise SystemExit(f"cannot rewrite {log_path}: {e.strerror}; free space on that disk and resume again")
+            raise SystemExit(f"cannot rewrite {log_path}: {e.strerror}; resume again once it can be written")
     return run
 
 
@@ -446,6 +464,9 @@ else:
         parent = {"config": ckpt["config"], "last_val_bpb": ckpt["last_val_bpb"], "tier": run["parent_tier"]}
     del ckpt
 model, optim_state, iter_num, stage_start = run["model"], run["optim_state"], run["iter_num"], run["stage_start"]
+if iter_num >= stage_start + max_iters and not eval_only:  # only a resume can be there
+    raise SystemExit(f"nothing to train: {ckpt_path} is at iteration {iter_num}, the end of its stage (which began "
+                     f"at {stage_start}, max_iters={max_iters}); raise max_iters to go on, or pass --eval_only=True")
 tokens_total, flops_total, best_val_bpb, tier_ramp = run["tokens"], run["flops"], run["best_val_bpb"], run["tier_ramp"]
 generations = run["generations"]
 if init_from != "resume" or run["born"]:  # a stage starts here
@@ -492,9 +513,12 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float1
 if scaler.is_enabled() and scaler_state:  # its scale goes on as it was, so a resumed float16 run is the same run
     scaler.load_state_dict(scaler_state)
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=1)
+    except OSError as e:
+        raise SystemExit(f"cannot write to out_dir {out_dir}: {e.strerror}; pass another --out_dir") from None
 log("config: " + (" ".join(f"{k}={v}" for k, v in config.items() if v != defaults[k]) or "the defaults"))
 
 
