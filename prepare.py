@@ -346,8 +346,10 @@ def missing_dirs(path):
     return missing
 
 def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, doc_sep=BLANK_LINE,
-            whole_file=False, workers=None, gpt2_ranks=None):
-    """Write out_dir/<name>_v<N>/{train,val}.bin and meta.json for every tier; skip tiers already complete."""
+            whole_file=False, workers=None, gpt2_ranks=None, overwrite=False):
+    """Write out_dir/<name>_v<N>/{train,val}.bin and meta.json for every tier; skip tiers already complete, and
+    refuse to replace a complete tier of other text or another split unless overwrite (runs trained on it read
+    it by path)."""
     try:
         re.compile(doc_sep)
     except re.error as e:
@@ -358,6 +360,12 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
     source = os.path.abspath(input)
     dirs = {n: os.path.join(out_dir, f'{tok.name}_v{n}') for n, tok in toks.items()}
     todo = [n for n in toks if not is_complete(dirs[n], toks[n], source, split)]
+    for n in todo if not overwrite else []:
+        if other := complete_tier(dirs[n]):
+            its_split = ', '.join(f'{k} {v}' for k, v in other['split'].items() if v is not None)
+            raise PrepareError(f'{dirs[n]} already holds a complete tier of {other["source"]} ({its_split}); pass '
+                               f'--overwrite to replace it (runs trained on it would then read other text), or '
+                               f'another --out_dir')
     for n in sorted(set(toks) - set(todo)):
         print(f'{dirs[n]} is complete, skipping')
     if not todo:
@@ -441,16 +449,22 @@ def eval_window_starts(n_tokens, n_windows, block_size):
     """Where train.py's val windows start: fixed and spread evenly over the split, the same for every run."""
     return np.linspace(0, n_tokens - block_size - 1, n_windows).astype(np.int64)
 
-def is_complete(tier_dir, tok, source, split):
-    """A tier is complete when its meta.json matches this run and both bins have the size it records."""
+def complete_tier(tier_dir):
+    """The meta.json of a complete tier (both bins of the sizes it records), or None."""
     try:
         with open(os.path.join(tier_dir, 'meta.json')) as f:
             meta = json.load(f)
-        return (meta['tokenizer_sha256'], meta['vocab_size'], meta['source'], meta['split']) == \
-            (tok.sha256, tok.vocab_size, source, split) and all(
-            os.path.getsize(os.path.join(tier_dir, f'{s}.bin')) == 2 * meta[s]['tokens'] for s in ('train', 'val'))
-    except (OSError, ValueError, KeyError):
-        return False
+        sizes_match = all(os.path.getsize(os.path.join(tier_dir, f'{s}.bin')) == 2 * meta[s]['tokens']
+                          for s in ('train', 'val'))
+        return meta if sizes_match and all(k in meta for k in ('tokenizer_sha256', 'source', 'split')) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+def is_complete(tier_dir, tok, source, split):
+    """A tier is complete for this run when it is complete and its meta.json records this run's text and split."""
+    meta = complete_tier(tier_dir)
+    return meta is not None and (meta['tokenizer_sha256'], meta['vocab_size'], meta['source'], meta['split']) == \
+        (tok.sha256, tok.vocab_size, source, split)
 
 META_KEYS = ('tokenizer', 'tokenizer_sha256', 'vocab_size', 'bos_id', 'source', 'train', 'val')  # what readers use
 SPLIT_KEYS = ('documents', 'tokens', 'bytes')
@@ -517,6 +531,7 @@ if __name__ == '__main__':
     parser.add_argument('--doc_sep', help='regex between documents in .txt files (default: a blank line)')
     parser.add_argument('--whole_file', action='store_true', help='each .txt file is one document')
     parser.add_argument('--workers', type=int, default=os.cpu_count())
+    parser.add_argument('--overwrite', action='store_true', help='replace complete tiers of other text or split')
     parser.add_argument('--inspect', metavar='TIER_DIR', help='print a prepared tier and decode a sample')
     args = parser.parse_args()
     try:
@@ -530,8 +545,16 @@ if __name__ == '__main__':
             raise PrepareError(f'{name} has no download; pass --input PATH')
         url = ds.get('url')
         input = args.input or ds.get('path') or download(url, os.path.join(CACHE, name, os.path.basename(url)), ds['sha256'])
-        val_ids = [int(x) for x in args.val_ids.split(',')] if args.val_ids else ds.get('val_ids')
+        if args.workers < 1:
+            raise PrepareError(f'--workers {args.workers}: pass 1 or more')
+        if not 0 < args.val_fraction < 1:  # (also refuses nan)
+            raise PrepareError(f'--val_fraction {args.val_fraction}: pass a fraction between 0 and 1, such as 0.05')
+        try:
+            val_ids = [int(x) for x in args.val_ids.split(',')] if args.val_ids else ds.get('val_ids')
+        except ValueError:
+            raise PrepareError(f'--val_ids {args.val_ids!r}: pass pg_id numbers joined by commas, such as 1342,84') from None
         prepare(input, args.tokenizer, args.tiers, args.out_dir or os.path.join('data', name), args.val_fraction,
-                val_ids, args.doc_sep or ds.get('doc_sep', BLANK_LINE), args.whole_file, args.workers, args.gpt2_ranks)
+                val_ids, args.doc_sep or ds.get('doc_sep', BLANK_LINE), args.whole_file, args.workers, args.gpt2_ranks,
+                args.overwrite)
     except PrepareError as e:
         sys.exit(f'prepare.py: {e}')

@@ -251,6 +251,18 @@ def test_the_defaults_are_shipped_and_need_no_network(tmp_path):
     meta = json.loads((tmp_path / 'llama2_v512' / 'meta.json').read_text())
     assert meta['source'] == SHAKESPEARE and meta['tokenizer_sha256'] == prepare.LLAMA2_SHA256
 
+@pytest.mark.parametrize('args, message', [
+    (['--workers', '0'], '--workers 0: pass 1 or more'),
+    (['--val_fraction', 'nan'], '--val_fraction nan: pass a fraction between 0 and 1'),
+    (['--val_ids', '12,abc'], "--val_ids '12,abc': pass pg_id numbers joined by commas")])
+def test_bad_arguments_are_one_line_errors_that_write_nothing(tmp_path, args, message):
+    r = subprocess.run([sys.executable, 'prepare.py', '--dataset', 'tinyshakespeare', '--tiers', '512',
+                        '--out_dir', str(tmp_path / 'out'), *args], cwd=os.path.dirname(prepare.__file__),
+                       capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith(f'prepare.py: {message}'), r.stderr
+    assert not (tmp_path / 'out').exists()
+
 def test_bad_doc_sep_is_one_line(tmp_path):
     (tmp_path / 'in.txt').write_text('one\n\ntwo')
     with pytest.raises(PrepareError, match=r"--doc_sep '\(' is not a valid regex") as e:
@@ -282,11 +294,11 @@ def test_failed_worker_fails_run_and_rerun_completes(tmp_path, monkeypatch, caps
         return original(self, text)
     monkeypatch.setattr(prepare.SentencePieceTokenizer, 'encode', broken)
     with pytest.raises(RuntimeError, match='worker died'):
-        prepare.prepare(*args, val_fraction=0.5, workers=2)  # a new split: both tiers are rebuilt, and fail
+        prepare.prepare(*args, val_fraction=0.5, workers=2, overwrite=True)  # a new split: both rebuilt, and fail
     tier = tmp_path / 'out' / 'llama2_v4096'
     assert json.loads((tier / 'meta.json').read_text())['split']['val_fraction'] == 0.05, 'the old tier is kept'
     monkeypatch.undo()
-    prepare.prepare(*args, val_fraction=0.5, workers=2)
+    prepare.prepare(*args, val_fraction=0.5, workers=2, overwrite=True)
     assert json.loads((tier / 'meta.json').read_text())['val']['documents'] == 20
     capsys.readouterr()
     mtime = os.path.getmtime(tier / 'train.bin')
@@ -300,8 +312,26 @@ def test_failed_rerun_keeps_the_finished_tier(tmp_path):
     tier = tmp_path / 'out' / 'llama2_v512'
     before = {f: (tier / f).read_bytes() for f in ('meta.json', 'train.bin', 'val.bin')}
     with pytest.raises(PrepareError, match='the val split has no documents'):
-        prepare.prepare(*args, val_fraction=0, workers=1)  # fails after writing the new bins' temporary files
+        prepare.prepare(*args, val_fraction=0, workers=1, overwrite=True)  # fails after writing the new bins' temp files
     assert {f: (tier / f).read_bytes() for f in os.listdir(tier)} == before
+
+def test_a_complete_tier_of_other_text_or_split_is_kept_unless_overwrite(tmp_path):
+    """Runs read a tier by its path: preparing other text (or another split) into it would change what a resumed
+    run trains and evaluates on, silently."""
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b').mkdir()
+    for d, n in (('a', 10), ('b', 4)):
+        (tmp_path / d / 'in.txt').write_text('\n\n'.join(f'document {k} of {d}' for k in range(n)))
+    out = str(tmp_path / 'out')
+    prepare.prepare(str(tmp_path / 'a' / 'in.txt'), LLAMA2, [512], out, workers=1)
+    tier = tmp_path / 'out' / 'llama2_v512'
+    before = {f: (tier / f).read_bytes() for f in os.listdir(tier)}
+    for source, fraction in (('b', 0.05), ('a', 0.5)):  # other text, and the same text split otherwise
+        with pytest.raises(PrepareError, match='already holds a complete tier of .*pass --overwrite'):
+            prepare.prepare(str(tmp_path / source / 'in.txt'), LLAMA2, [512], out, val_fraction=fraction, workers=1)
+        assert {f: (tier / f).read_bytes() for f in os.listdir(tier)} == before
+    prepare.prepare(str(tmp_path / 'b' / 'in.txt'), LLAMA2, [512], out, workers=1, overwrite=True)
+    assert json.loads((tier / 'meta.json').read_text())['source'] == str(tmp_path / 'b' / 'in.txt')
 
 def test_inspect(tmp_path, capsys):
     (tmp_path / 'in.txt').write_text('To be, or not to be.\n\nThat is the question.')
