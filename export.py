@@ -19,6 +19,7 @@ cut, so its fast tokenizer spells such text in byte tokens: valid ids, but not o
 import argparse
 import json
 import os
+import shutil
 
 from model import load_checkpoint, model_from_checkpoint
 
@@ -65,21 +66,28 @@ def write_tokenizer(tok, out_dir, block_size):
 
 
 def export(ckpt, out_dir, tok=None):
-    """Write ckpt (a checkpoint dict) as a Hugging Face Llama folder; tok: its tier's tokenizer, or None."""
+    """Write ckpt (a checkpoint dict) as a Hugging Face Llama folder; tok: its tier's tokenizer, or None. The
+    folder is written beside out_dir and renamed into place when whole, so a killed export leaves no folder of
+    weights and config that disagree; out_dir must not exist or be empty."""
     from safetensors.torch import save_file
     model = model_from_checkpoint(ckpt)
     sd = hf_state_dict(model)
     dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(model.config, tok.bos_id if tok else 1, dtype), f, indent=2)
-    if tok is None:
-        return
-    if not hasattr(tok, "truncated"):
-        print(f"{tok.name} is not a SentencePiece tokenizer: no tokenizer files written")
-        return
-    write_tokenizer(tok, out_dir, model.config.block_size)
+    part = f"{os.path.normpath(out_dir)}.part"
+    shutil.rmtree(part, ignore_errors=True)  # a killed export's
+    try:
+        os.makedirs(part)
+        save_file(sd, os.path.join(part, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(part, "config.json"), "w") as f:
+            json.dump(hf_config(model.config, tok.bos_id if tok else 1, dtype), f, indent=2)
+        if tok is not None and not hasattr(tok, "truncated"):
+            print(f"{tok.name} is not a SentencePiece tokenizer: no tokenizer files written")
+        elif tok is not None:
+            write_tokenizer(tok, part, model.config.block_size)
+        os.replace(part, out_dir)  # onto a missing or empty folder
+    except OSError as e:
+        shutil.rmtree(part, ignore_errors=True)
+        raise SystemExit(f"export.py: cannot write {out_dir}: {e.strerror}; pass another --out_dir") from None
 
 
 def main(argv=None):
@@ -89,6 +97,9 @@ def main(argv=None):
     ap.add_argument("--out_dir", required=True)
     ap.add_argument("--tokenizer", help="the checkpoint's tokenizer file, if prepare.py cannot find it by name")
     args = ap.parse_args(argv)
+    if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
+        raise SystemExit(f"export.py: --out_dir {args.out_dir} is {'a file' if os.path.isfile(args.out_dir) else 'not empty'};"
+                         " an export is a folder of its own: pass a new one")
     ckpt = load_checkpoint(args.ckpt)  # refuses a checkpoint with NaN or inf: nothing is written
     export(ckpt, args.out_dir, checkpoint_tokenizer(ckpt, args.tokenizer))
     print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(args.out_dir)))}")

@@ -54,7 +54,7 @@ def model(ckpt_path):
 
 def test_export_logits_match_transformers(ckpt_path, model, tmp_path):
     from transformers import LlamaForCausalLM
-    export.main(["--ckpt", ckpt_path, "--out_dir", str(tmp_path), "--tokenizer", LLAMA2])
+    export.main(["--ckpt", ckpt_path, "--out_dir", str(tmp_path), "--tokenizer", LLAMA2])  # an empty folder
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["rms_norm_eps"] == model.config.norm_eps and config["vocab_size"] == TIER
     hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
@@ -207,6 +207,22 @@ def test_sample_allows_greedy_and_every_token(ckpt_path, capsys):
                      "--max_new_tokens=5", "--device", "cpu"])
     first, second = capsys.readouterr().out.split("\n")[0::2][:2]
     assert first == second, "greedy is deterministic"
+
+
+def test_export_keeps_an_existing_folder_and_leaves_no_partial_one(ckpt_path, tmp_path):
+    run = tmp_path / "run"  # a training run's folder: its config.json is not Hugging Face's
+    run.mkdir()
+    (run / "config.json").write_text('{"learning_rate": 0.001}')
+    (tmp_path / "afile").write_text("keep me")
+    for out_dir, what in ((run, "not empty"), (tmp_path / "afile", "a file")):
+        with pytest.raises(SystemExit) as e:
+            export.main(["--ckpt", ckpt_path, "--out_dir", str(out_dir), "--tokenizer", LLAMA2])
+        assert e.value.code == (f"export.py: --out_dir {out_dir} is {what}; an export is a folder of its own: "
+                                "pass a new one")
+    assert (run / "config.json").read_text() == '{"learning_rate": 0.001}' and os.listdir(run) == ["config.json"]
+    assert (tmp_path / "afile").read_text() == "keep me"
+    export.main(["--ckpt", ckpt_path, "--out_dir", str(tmp_path / "hf"), "--tokenizer", LLAMA2])
+    assert sorted(os.listdir(tmp_path)) == ["afile", "hf", "run"], "no .part folder left beside it"
 
 
 def test_sample_and_export_refuse_a_non_finite_checkpoint(ckpt_path, tmp_path):
