@@ -278,7 +278,7 @@ def finished(name, args):
     path = f"{OUT}/{name}/log.jsonl"
     if not os.path.exists(path):
         return False
-    events = [json.loads(line) for line in open(path)]
+    events = read_log(path)
     return any(e["event"] == "eval" for e in events) and os.path.exists(f"{OUT}/{name}/ckpt.pt") and \
         f"--max_iters={events[-1]['iter'] - start_iter(events)}" in args
 
@@ -340,7 +340,8 @@ def run(names, extra, jobs):
 # ---- report -------------------------------------------------------------------
 
 def read_log(path):
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    """A log's records; a last line cut short (a killed run) is not one."""
+    return [json.loads(line) for line in open(path) if line.endswith("\n")] if os.path.exists(path) else []
 
 
 def read_evals(path):
@@ -413,11 +414,17 @@ def spread(values):
 
 def logged_runs():
     """The names of the runs whose logs are in LOGS."""
-    names = sorted(f[:-len(".jsonl")].replace("__", "/") for f in os.listdir(LOGS) if f.endswith(".jsonl")) \
-        if os.path.isdir(LOGS) else []
+    files = sorted(f for f in os.listdir(LOGS) if f.endswith(".jsonl")) if os.path.isdir(LOGS) else []
+    names = []
+    for f in files:
+        parts = f[:-len(".jsonl")].split("__")  # REGIME__VARIANT__sSEED__PART
+        if len(parts) == 4 and parts[2][1:].isdigit() and parts[2][0] == "s":
+            names.append("/".join(parts))
+        else:
+            print(f"skipping {LOGS}/{f}: not a study log's name (REGIME__VARIANT__sSEED__PART.jsonl)", file=sys.stderr)
     if not names:
         raise SystemExit(f"no study logs in {LOGS}; run `python experiment.py run ...` first")
-    return names
+    return sorted(names)
 
 
 def report(png_prefix):
@@ -685,12 +692,20 @@ if __name__ == "__main__":
     ours = dict(f[2:].split("=", 1) for f in flags if f.split("=")[0] in mine)
     extra = [f for f in flags if f.split("=")[0] not in mine]  # passed on to train.py
     OUT, LOGS = ours.get("out", OUT), ours.get("logs", LOGS)
-    seeds = [int(s) for s in ours.get("seeds", "1337").split(",")]
+    try:
+        seeds, jobs = [int(s) for s in ours.get("seeds", "1337").split(",")], int(ours.get("jobs", 1))
+    except ValueError:
+        raise SystemExit(f"--seeds={ours.get('seeds', '')} --jobs={ours.get('jobs', 1)}: pass whole numbers, "
+                         "such as --seeds=1337,2024 --jobs=2") from None
+    if jobs < 1 or min(seeds) < 0:
+        raise SystemExit(f"--jobs={jobs} --seeds={','.join(map(str, seeds))}: pass --jobs of 1 or more and seeds >= 0")
     everything = {n: v for regime in REGIMES for n, v in runs(regime, seeds).items()}
     if cmd == "list":
-        for name, (args, _) in everything.items():
-            if not words or any(name.startswith(w) for w in words):
-                print(f"{name}: python train.py {' '.join(args)}")
+        listed = [n for n in everything if not words or any(n.startswith(w) for w in words)]
+        if not listed:
+            raise SystemExit(f"no run is named or starts with {words}; regimes: {', '.join(REGIMES)}")
+        for name in listed:
+            print(f"{name}: python train.py {' '.join(everything[name][0])}")
     elif cmd == "run" and words:
         chosen = {n: v for n, v in everything.items() if any(n.startswith(w) for w in words)}
         if not chosen:
@@ -698,7 +713,7 @@ if __name__ == "__main__":
         needed = to_run(chosen, everything)
         for name in sorted(set(chosen) - needed):
             print(f"done already: {name} (its log is in {LOGS})")
-        run({n: everything[n] for n in everything if n in needed}, extra, job_limit(needed, int(ours.get("jobs", 1))))
+        run({n: everything[n] for n in everything if n in needed}, extra, job_limit(needed, jobs))
     elif cmd == "report":
         report(os.path.join(os.path.dirname(LOGS.rstrip("/")), "study"))  # beside the logs' folder
     elif cmd == "todo":

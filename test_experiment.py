@@ -7,6 +7,7 @@ branches) and the reference ladder, run as the study runs them, then the report'
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -247,3 +248,26 @@ def test_a_frontier_whose_branches_came_from_different_stable_runs_is_named(tmp_
     branches(1.60, 1.49)  # the second from its rerun
     assert experiment.stable_logs(names) == {("scratch_lr0.001", 1337): {
         4: "t__scratch_lr0.001__s1337__stable.jsonl", 8: "t__scratch_lr0.001__s1337__stable__rerun1.jsonl"}}
+
+
+@pytest.mark.parametrize("args, message", [(["run", "tiny/ref", "--jobs=0"], "--jobs=0 --seeds=1337: pass --jobs of 1"),
+                                           (["run", "tiny/ref", "--seeds=1337,x"], "--seeds=1337,x --jobs=1: pass whole"),
+                                           (["list", "zz"], "no run is named or starts with ['zz']")])
+def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "experiment.py"), *args], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_killed_runs_cut_line_and_a_stray_log_are_not_read_as_records(study, tmp_path):
+    logs = tmp_path / "logs"
+    shutil.copytree(study / "assets" / "study", logs)
+    (logs / "notes.jsonl").write_text('{"a": 1}\n')  # not a study log's name: skipped, with a word
+    ref = sorted(logs.glob("tiny__ref__*"))[-1]
+    with open(ref, "a") as f:
+        f.write('{"event": "eval", "iter"')  # what a kill mid-write leaves
+    r = subprocess.run([sys.executable, os.path.join(HERE, "experiment.py"), "report", f"--logs={logs}"],
+                       cwd=study, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "skipping" in r.stderr and "notes.jsonl" in r.stderr, r.stderr[-2000:]
+    assert json.loads((tmp_path / "study_results.json").read_text())["regimes"]["tiny"]["frontier"]
