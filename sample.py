@@ -39,6 +39,17 @@ def check_args(args):
                                  ("temperature", args.temperature, "0 (greedy) or more")):
         if not value >= 0:  # NaN too
             raise SystemExit(f"sample.py: --{flag}={value} is not allowed; pass {allowed}")
+    if args.num_samples < 1:
+        raise SystemExit(f"sample.py: --num_samples={args.num_samples} is not allowed; pass 1 or more")
+    if args.device is not None:
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise SystemExit(f"sample.py: --device={args.device} is not allowed; pass cpu, cuda or cuda:N")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"sample.py: --device={args.device} but this torch has no usable CUDA; pass --device=cpu")
 
 
 def main(argv=None):
@@ -74,7 +85,12 @@ def main(argv=None):
 
     if args.prompt_file and not os.path.isfile(args.prompt_file):
         raise SystemExit(f"no prompt file {args.prompt_file}")
-    prompt = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+    try:
+        prompt = open(args.prompt_file, encoding="utf-8").read() if args.prompt_file else args.prompt
+        prompt.encode("utf-8")  # a shell can pass bytes that are not UTF-8 as lone surrogates
+    except UnicodeError:
+        raise SystemExit(f"sample.py: the prompt{' file' if args.prompt_file else ''} is not UTF-8 text; "
+                         "pass UTF-8") from None
     ids = [tok.bos_id] + tok.encode(prompt)  # training documents start with BOS
     block_size = model.config.block_size
     if len(ids) + args.max_new_tokens > block_size:

@@ -200,6 +200,19 @@ def test_sample_refuses_a_negative_setting_in_one_line(ckpt_path, flag, value):
     assert e.value.code.startswith(f"sample.py: --{flag}={value} is not allowed; pass 0 ") and "\n" not in e.value.code
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--num_samples=0"], "--num_samples=0 is not allowed; pass 1 or more"),
+    (["--device=gpu"], "--device=gpu is not allowed; pass cpu, cuda or cuda:N"),
+    (["--device=meta"], "--device=meta is not allowed; pass cpu, cuda or cuda:N"),
+    (["--prompt=\udcff\udcfe"], "the prompt is not UTF-8 text"),  # how Python passes argv bytes that are not UTF-8
+    (["--prompt_file={tmp}/latin1.txt"], "the prompt file is not UTF-8 text")])
+def test_sample_refuses_bad_arguments_in_one_line(ckpt_path, tmp_path, args, message):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", ckpt_path, "--tokenizer", LLAMA2, *[a.format(tmp=tmp_path) for a in args]])
+    assert e.value.code.startswith(f"sample.py: {message}") and "\n" not in e.value.code
+
+
 def test_sample_allows_greedy_and_every_token(ckpt_path, capsys):
     """temperature 0 is greedy and top_k 0 keeps every token: both are settings, not errors."""
     for _ in range(2):
