@@ -353,7 +353,10 @@ def main(argv=None):
     data = dict(ckpt["data"], vocab_size=grown.config.vocab_size)  # sample.py decodes with this tier
     if meta:  # the tier's record of the same tokenizer file names it by path, when prepare.py was given one
         data.update(data_dir=args.data_dir, tokenizer=meta["tokenizer"])
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"grow.py: cannot make the folder of {args.out}: {e.strerror}; pass another --out") from None
     save_checkpoint({**ckpt, "data": data, "model": grown.state_dict(), "model_config": asdict(grown.config),
                      "optimizer": optim_state, "generations": generations,
                      "parent_data": ckpt["data"],  # train.py's growth check scores the parent's tier

@@ -689,3 +689,12 @@ def test_bad_cli_request_exits_with_one_line_and_writes_nothing(tmp_path, fake_p
     assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
     assert message in e.value.code
     assert not any(out.iterdir())
+
+
+def test_an_out_under_a_file_is_one_line(tmp_path, fake_prepare):
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(SystemExit) as e:
+        grow.main(["--ckpt", str(checkpoint_at(tmp_path, "ours")), "--out", str(tmp_path / "afile" / "ckpt.pt"),
+                   "--n_layer=3"])
+    assert e.value.code.startswith("grow.py: cannot make the folder of") and "\n" not in e.value.code
+    assert (tmp_path / "afile").read_text() == "keep me"

@@ -540,7 +540,12 @@ def test_growths_that_cannot_be_trained_are_refused(ladder, data, tmp_path):
         ("condensing the newborn generation (its Adam steps would be its elders')",
          [*stage_args(data, 2, ladder[1]), "--condense_upto=1"], "condense_upto=1 must be below"),
         ("condensing a generation that does not exist", [*stage_args(data, 2, ladder[1]), "--condense_upto=5"],
-         "condense_upto=5 must be below")]:
+         "condense_upto=5 must be below"),
+        ("the parent's tier named wrong (its growth check would score other tokens)",
+         [*stage_args(data, 2, ladder[1]), f"--parent_data_dir={data / 'llama2_v1024'}"],
+         "is a v1024 tier, but the parent was trained on v512"),
+        ("the parent's tier named where there is none", [*stage_args(data, 2, ladder[1]), "--parent_data_dir=nowhere"],
+         "the parent's data tier is not at nowhere")]:
         out_dir = tmp_path / name[:12].replace(" ", "_")
         assert_one_line_error(run(*args, f"--out_dir={out_dir}"), message)
         assert not out_dir.exists(), name

@@ -406,9 +406,15 @@ def parent_tier(data):
     recorded = data["data_dir"], data.get("data_dir_abs", "")
     for path in (parent_data_dir,) if parent_data_dir else recorded:
         if os.path.isfile(os.path.join(path, "meta.json")):
-            return path, *open_tier(path)
-    raise SystemExit(f"the parent's data tier is not at {' or '.join(p for p in recorded if p)}: "
-                     "pass --parent_data_dir=PATH (the tier it was trained on)")
+            tier_meta, bins = open_tier(path)
+            if (tier_meta["vocab_size"], tier_meta["tokenizer_sha256"]) != (data["vocab_size"], data["tokenizer_sha256"]):
+                raise SystemExit(f"{path} is a v{tier_meta['vocab_size']} tier, but the parent was trained on "
+                                 f"v{data['vocab_size']} (from {data['data_dir']}) with its tokenizer: pass "
+                                 "--parent_data_dir=PATH of that tier")
+            return path, tier_meta, bins
+    where = parent_data_dir or " or ".join(p for p in recorded if p)
+    raise SystemExit(f"the parent's data tier is not at {where}: pass --parent_data_dir=PATH (the tier it was "
+                     "trained on)")
 
 
 def grown_from_tier(parent_data, birth):
