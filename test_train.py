@@ -562,6 +562,13 @@ def test_an_out_dir_holding_a_run_is_refused_and_kept(ladder, data, tmp_path):
         assert snapshot(out_dir) == before
 
 
+def test_a_gpu_dtype_on_the_cpu_is_named_and_recorded_as_what_ran(data, tmp_path):
+    r = run(*stage_args(data, 1), "--max_iters=1", "--dtype=bfloat16", "--device=cpu", f"--out_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "dtype=bfloat16 is for CUDA's autocast; on cpu this run trains in float32" in r.stdout
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
+
+
 def test_an_out_dir_that_cannot_be_written_is_refused_before_anything_runs(data, tmp_path):
     (tmp_path / "afile").write_text("keep me\n")
     for out_dir in (tmp_path / "afile", tmp_path / "afile" / "run"):

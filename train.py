@@ -150,6 +150,9 @@ if device.startswith("cuda") and not torch.cuda.is_available():
 if dtype == "float16" and (not device.startswith("cuda") or parallelism == "fsdp"):
     raise SystemExit("dtype='float16' (with a GradScaler, for GPUs without bfloat16 such as the T4) needs "
                      "device=cuda and parallelism='ddp'; elsewhere use bfloat16 or float32")
+if dtype != "float32" and not device.startswith("cuda"):  # the CPU runs without autocast: say so, and record it
+    print(f"dtype={dtype} is for CUDA's autocast; on {device} this run trains in float32")
+    dtype = config["dtype"] = "float32"
 try:
     fused = fused_kernel_names(fused_kernels)
 except ValueError as e:
