@@ -82,8 +82,16 @@ parallelism = "ddp"  # 'ddp' | 'fsdp' (FSDP2 as train.py; under torchrun, where 
  cooldown_iters, eval_interval, eval_windows, log_interval, compile, grad_accum_steps) = (None,) * 16
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-final = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
-                  ffn_hidden=ffn_hidden, block_size=block_size)
+try:
+    final = GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=n_head, head_dim=head_dim,
+                      ffn_hidden=ffn_hidden, block_size=block_size)
+except ValueError as e:
+    raise SystemExit(f"bench.py: {e}") from None
+if max_new_tokens == 0:
+    max_new_tokens = 256 if torch.cuda.is_available() else 32
+if prompt_tokens < 1 or max_new_tokens < 1 or prompt_tokens + max_new_tokens > block_size:
+    raise SystemExit(f"bench.py: --prompt_tokens={prompt_tokens} --max_new_tokens={max_new_tokens}: pass a prompt of "
+                     f"1 or more tokens and 1 or more new ones, {block_size} (block_size) at most in all")
 # the order in which scaled_dot_product_attention tries its backends; each falls back to the next where it cannot run
 FALLBACKS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 ATTENTION = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION, *FALLBACKS],
@@ -109,7 +117,6 @@ def bench_sampling():
         raise SystemExit(f"bench.py: --sample_modes={sample_modes}: pick from none,dynamic,static,compiled")
     on_cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if on_cuda else ("cpu", torch.float32)
-    n_new = max_new_tokens or (256 if on_cuda else 32)
     sync = torch.cuda.synchronize if on_cuda else lambda: None
     weights_asked = sample_weights.split(",")
     if not set(weights_asked) <= {"joined", "copied"}:
@@ -120,19 +127,19 @@ def bench_sampling():
         both = "copied" in weights_asked
         models["joined"] = (copy.deepcopy(models["copied"]) if both else models["copied"]).join_stacked_weights()
     prompt = torch.randint(0, vocab_size, (1, prompt_tokens), device=device)
-    print(f"sampling {final}: batch 1, {prompt_tokens} prompt + {n_new} new tokens, "
+    print(f"sampling {final}: batch 1, {prompt_tokens} prompt + {max_new_tokens} new tokens, "
           f"{torch.cuda.get_device_name() if on_cuda else 'cpu'}, {str(dtype)[6:]}", flush=True)
     for mode, weights in itertools.product(modes, weights_asked):
         model = models[weights]
         if mode in ("none", "dynamic"):
             generate = functools.partial(model.generate, use_cache=mode == "dynamic")
         else:
-            generate = StaticDecoder(model, 1, prompt_tokens + n_new, compile=mode == "compiled").generate
+            generate = StaticDecoder(model, 1, prompt_tokens + max_new_tokens, compile=mode == "compiled").generate
         torch._dynamo.utils.counters.clear()
-        generate(prompt, n_new, 0.8, 200)
-        dt = min(seconds(lambda: generate(prompt, n_new, 0.8, 200), sync) for _ in range(3))
+        generate(prompt, max_new_tokens, 0.8, 200)
+        dt = min(seconds(lambda: generate(prompt, max_new_tokens, 0.8, 200), sync) for _ in range(3))
         skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]  # 0 unless CUDA graphs fell back
-        print(f"{mode:8s} {weights:6s} {n_new / dt:8.1f} tokens/s  {1e3 * dt / n_new:7.2f} ms/token"
+        print(f"{mode:8s} {weights:6s} {max_new_tokens / dt:8.1f} tokens/s  {1e3 * dt / max_new_tokens:7.2f} ms/token"
               + (f"  CUDA graph skips {skips}" if mode == "compiled" and on_cuda else ""), flush=True)
 
 
