@@ -351,6 +351,7 @@ def main(argv=None):
     except ValueError as e:  # GrowError, or GPTConfig refusing a shape
         raise SystemExit(f"grow.py: {e}")
     data = dict(ckpt["data"], vocab_size=grown.config.vocab_size)  # sample.py decodes with this tier
+    data.pop("text", None)  # the parent's tier's; train.py records the new one at its first save
     if meta:  # the tier's record of the same tokenizer file names it by path, when prepare.py was given one
         data.update(data_dir=args.data_dir, tokenizer=meta["tokenizer"])
     try:

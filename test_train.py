@@ -591,6 +591,22 @@ def test_a_finished_run_or_a_garbled_log_is_refused_on_resume_and_kept(ladder, d
     assert snapshot(out_dir) == before
 
 
+def test_a_resume_onto_a_tier_that_now_holds_other_text_is_refused_and_kept(ladder, data, tmp_path):
+    out_dir, tier = tmp_path / "s1", tmp_path / "llama2_v512"
+    shutil.copytree(ladder[1], out_dir)
+    shutil.copytree(data / "llama2_v512", tier)
+    meta = json.loads((tier / "meta.json").read_text())
+    keep = meta["train"]["tokens"] - 1000  # the tier prepared again from other text: fewer train tokens
+    np.memmap(tier / "train.bin", dtype=np.uint16, mode="r")[:keep].tofile(tier / "train.bin.new")
+    os.replace(tier / "train.bin.new", tier / "train.bin")
+    (tier / "meta.json").write_text(json.dumps({**meta, "train": {**meta["train"], "tokens": keep}}))
+    before = snapshot(out_dir)
+    args = [a for a in stage_args(data, 1) if not a.startswith(("--data_dir", "--max_iters"))]
+    r = run(*args, f"--data_dir={tier}", f"--out_dir={out_dir}", "--init_from=resume", "--max_iters=100")
+    assert_one_line_error(r, "holds other text than this run trained on")
+    assert snapshot(out_dir) == before
+
+
 def test_a_resume_that_changes_the_runs_schedule_or_optimizer_is_refused_and_kept(wsd_ladder, data, tmp_path):
     """A resume continues the run as it was set up: another optimizer or schedule key, lr_mode, or (once a
     cooldown is placed at the stage's end) max_iters is a one-line error pointing to a branch, and the

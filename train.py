@@ -338,6 +338,11 @@ def check_tokenizer(ckpt):
                          f"{meta['tokenizer']} ({meta['tokenizer_sha256'][:12]}); prepare data with the same tokenizer")
 
 
+def tier_text(tier_meta):
+    """What a tier holds, as a checkpoint records it: a resume must find the same text at its data_dir."""
+    return f"{tier_meta['train']['tokens']:,} train and {tier_meta['val']['tokens']:,} val tokens"
+
+
 def continued(ckpt):
     """The counters of a checkpoint's run, to go on from."""
     return dict(optim_state=ckpt["optimizer"], generations=ckpt["generations"], iter_num=ckpt["iter_num"],
@@ -361,6 +366,10 @@ def resume(ckpt):
         if "parent_data" in ckpt:  # a growth as train.py's own: its check, and a ramp if asked for
             run.update(grown_from_tier(ckpt["parent_data"], ckpt["iter_num"]), rng=None)
     else:
+        recorded = ckpt["data"].get("text")  # checkpoints from before 2026-12-03 lack it
+        if recorded and recorded != tier_text(meta):
+            raise SystemExit(f"{data_dir} holds other text than this run trained on ({recorded} when it was "
+                             f"saved, {tier_text(meta)} now): point data_dir at the run's tier, or start a new run")
         changed = {k: f"{ckpt['config'][k]} -> {config[k]}" for k in ("batch_size", "grad_accum_steps", "seed")
                    if ckpt["config"][k] != config[k]}
         if changed:  # allowed (a smaller GPU may need a smaller batch), but it is no longer the same run
@@ -557,7 +566,8 @@ def save(iter_num):
         **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
         "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device_type == "cuda" else {})},
         "data": {"tokenizer": meta["tokenizer"], "tokenizer_sha256": meta["tokenizer_sha256"],
-                 "vocab_size": meta["vocab_size"], "data_dir": data_dir, "data_dir_abs": os.path.abspath(data_dir)},
+                 "vocab_size": meta["vocab_size"], "data_dir": data_dir, "data_dir_abs": os.path.abspath(data_dir),
+                 "text": tier_text(meta)},
     }, ckpt_path)
     if snapshot_interval and iter_num % snapshot_interval == 0:  # a hard link: ckpt.pt is later replaced, not rewritten
         snapshot = os.path.join(out_dir, f"ckpt_{iter_num}.pt")
