@@ -8,7 +8,7 @@ every ladder measured against it.
     python experiment.py todo                                # what the protocol still asks for, and its FLOPs
 
 A run name is regime/variant/s<seed>/<part>; `run` takes whole names or prefixes (c/ref, c/ref/s1337).
-Runs go JOBS at a time (at most the regime's max_jobs) on one GPU (small models leave it idle between
+Runs go JOBS at a time (fewer where the regime's max_jobs caps a shape) on one GPU (small models leave it idle between
 kernels; more GPUs: one `run` per GPU with CUDA_VISIBLE_DEVICES), each as soon as the run it grows from
 is done, or the snapshot it branches from is written.
 A finished run's log.jsonl is copied to assets/study/, and the report reads only those copies, so it
@@ -61,7 +61,7 @@ REGIMES = {
         branches=4, lrs=(5e-4, 1e-3, 2e-3), s1_iters=1500, common=["--eval_interval=100"],
         scratch_shapes=("final", "mid"),  # the 51.1M shape's frontier too: even3 ends where it may do as well
         seeds=2, within=0.0, seeded=(),  # 2 seeds for scratch and the best ladder
-        max_jobs=2,  # a run holds 36-53 GiB on the H200 (140): its four branches at once ran out of memory
+        max_jobs={"final": 2},  # a 134.1M run holds 36-53 GiB on the H200 (140): four at once ran out of memory
         ladders={"ref": [("small", [], 1), ("mid", GROW, 1300 / 1500), ("final", GROW, None)],
                  "new2x": [("small", [], 1), ("mid", NEW2X, 1300 / 1500), ("final", NEW2X, None)],
                  # regime c's two best timings: every shape the same iterations (800 each: cost per token 0.55), and
@@ -233,9 +233,14 @@ def runs(regime, seeds):
     return out
 
 
-def job_limit(names, jobs):
-    """How many of these runs may go at once: jobs, or fewer where a regime's runs would not fit the GPU together."""
-    return min([jobs] + [REGIMES[parse(n)[0]].get("max_jobs", jobs) for n in names])
+def job_limit(chosen, jobs):
+    """How many of these runs ({name: (train.py arguments, parent)}) may go at once: jobs, or fewer where a
+    regime caps the runs of a shape that would not fit the GPU together (one such run among them caps them all)."""
+    caps = []
+    for name, (args, _) in chosen.items():
+        r = REGIMES[parse(name)[0]]
+        caps += [cap for shape, cap in r.get("max_jobs", {}).items() if args[0] == r[shape]]  # args[0]: its config
+    return min([jobs] + caps)
 
 
 def with_parents(names, everything):
@@ -713,7 +718,7 @@ if __name__ == "__main__":
         needed = to_run(chosen, everything)
         for name in sorted(set(chosen) - needed):
             print(f"done already: {name} (its log is in {LOGS})")
-        run({n: everything[n] for n in everything if n in needed}, extra, job_limit(needed, jobs))
+        run({n: everything[n] for n in everything if n in needed}, extra, job_limit({n: everything[n] for n in needed}, jobs))
     elif cmd == "report":
         report(os.path.join(os.path.dirname(LOGS.rstrip("/")), "study"))  # beside the logs' folder
     elif cmd == "todo":

@@ -126,9 +126,16 @@ def test_todo_asks_for_what_the_protocol_lacks():
 
 def test_a_regime_of_large_runs_caps_how_many_go_at_once():
     import experiment
-    assert experiment.job_limit({"c/ref/s1337/s1", "c/ref/s1337/s2"}, 5) == 5
-    assert experiment.job_limit({"c/ref/s1337/s1", "t/ref/s1337/s1"}, 5) == experiment.REGIMES["t"]["max_jobs"] == 2
-    assert experiment.job_limit({"t/ref/s1337/s1"}, 2) == 2
+    everything = {n: v for regime in ("c", "t") for n, v in experiment.runs(regime, [1337]).items()}
+
+    def limit(names, jobs):
+        return experiment.job_limit({n: everything[n] for n in names}, jobs)
+    assert limit({"c/ref/s1337/s1", "c/ref/s1337/s2"}, 5) == 5
+    assert limit({"c/ref/s1337/s1", "t/ref/s1337/s3"}, 5) == experiment.REGIMES["t"]["max_jobs"]["final"] == 2
+    assert limit({"t/ref/s1337/s3"}, 1) == 1
+    # t's 51.1M runs (its scratch check, a ladder's middle stage) fit four at once; one 134.1M run among them caps all
+    assert limit({"t/scratch_mid_lr0.001/s1337/stable", "t/ref/s1337/s2"}, 4) == 4
+    assert limit({"t/scratch_mid_lr0.001/s1337/stable", "t/scratch_lr0.001/s1337/cd496"}, 4) == 2
 
 
 def test_a_branch_starts_once_its_snapshot_is_written_while_its_stable_run_goes_on(tmp_path):
