@@ -87,9 +87,9 @@ try:
                       ffn_hidden=ffn_hidden, block_size=block_size)
 except ValueError as e:
     raise SystemExit(f"bench.py: {e}") from None
-if max_new_tokens == 0:
+if sample and max_new_tokens == 0:
     max_new_tokens = 256 if torch.cuda.is_available() else 32
-if prompt_tokens < 1 or max_new_tokens < 1 or prompt_tokens + max_new_tokens > block_size:
+if sample and (prompt_tokens < 1 or max_new_tokens < 1 or prompt_tokens + max_new_tokens > block_size):
     raise SystemExit(f"bench.py: --prompt_tokens={prompt_tokens} --max_new_tokens={max_new_tokens}: pass a prompt of "
                      f"1 or more tokens and 1 or more new ones, {block_size} (block_size) at most in all")
 # the order in which scaled_dot_product_attention tries its backends; each falls back to the next where it cannot run
