@@ -239,7 +239,7 @@ def job_limit(chosen, jobs):
     caps = []
     for name, (args, _) in chosen.items():
         r = REGIMES[parse(name)[0]]
-        caps += [cap for shape, cap in r.get("max_jobs", {}).items() if args[0] == r[shape]]  # args[0]: its config
+        caps += [cap for shape, cap in r.get("max_jobs", {}).items() if args[0] == repo_path(r[shape])]  # its config
     return min([jobs] + caps)
 
 

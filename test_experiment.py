@@ -124,8 +124,9 @@ def test_todo_asks_for_what_the_protocol_lacks():
         "c/scratch_small_lr0.004/s1337/"
 
 
-def test_a_regime_of_large_runs_caps_how_many_go_at_once():
+def test_a_regime_of_large_runs_caps_how_many_go_at_once(tmp_path, monkeypatch):
     import experiment
+    monkeypatch.chdir(tmp_path)  # run from elsewhere: the commands name the configs by relative path
     everything = {n: v for regime in ("c", "t") for n, v in experiment.runs(regime, [1337]).items()}
 
     def limit(names, jobs):

@@ -580,11 +580,13 @@ def test_a_finished_run_or_a_garbled_log_is_refused_on_resume_and_kept(ladder, d
     out_dir = tmp_path / "s1"
     shutil.copytree(ladder[1], out_dir)
     resume = [*stage_args(data, 1), f"--out_dir={out_dir}", "--init_from=resume"]
+    with open(out_dir / "log.jsonl", "a") as f:  # as a run killed after its checkpoint leaves it: a refusal keeps it
+        f.write(json.dumps({"event": "train", "iter": 10**6}) + "\n")
     before = snapshot(out_dir)
     assert_one_line_error(run(*resume), "nothing to train")  # its stage's max_iters are done
     assert snapshot(out_dir) == before
-    with open(out_dir / "log.jsonl", "a") as f:
-        f.write('{"note": "not a record"}\n')
+    with open(out_dir / "log.jsonl", "ab") as f:
+        f.write(b'{"note": "not a record"}\n\xff\xfe\n')
     before = snapshot(out_dir)
     more = [a for a in resume if not a.startswith("--max_iters")] + ["--max_iters=100"]
     assert_one_line_error(run(*more), "holds a line that is not one of train.py's records")

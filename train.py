@@ -151,7 +151,8 @@ if dtype == "float16" and (not device.startswith("cuda") or parallelism == "fsdp
     raise SystemExit("dtype='float16' (with a GradScaler, for GPUs without bfloat16 such as the T4) needs "
                      "device=cuda and parallelism='ddp'; elsewhere use bfloat16 or float32")
 if dtype != "float32" and not device.startswith("cuda"):  # the CPU runs without autocast: say so, and record it
-    print(f"dtype={dtype} is for CUDA's autocast; on {device} this run trains in float32")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"dtype={dtype} is for CUDA's autocast; on {device} this run trains in float32")
     dtype = config["dtype"] = "float32"
 try:
     fused = fused_kernel_names(fused_kernels)
@@ -170,13 +171,30 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
-if master:  # here, not after minutes of loading, and without making it (a refused run writes nothing)
-    nearest = os.path.abspath(out_dir)  # the nearest folder that exists must take the run's files
+
+
+def refuse_together(reason):
+    """Rank 0's reason to stop (or None), raised on every rank: a rank left running would die in its next
+    collective with a traceback. Rank 0 decides what only its filesystem may show (out_dir, the log)."""
+    box = [reason]
+    if ddp:
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise SystemExit(box[0] if master else 1)  # said once
+
+
+def unwritable(folder):
+    """Why folder cannot take a run's files (None if it can), checked without making it."""
+    nearest = os.path.abspath(folder)  # the nearest folder that exists must take them
     while not os.path.exists(nearest):
         nearest = os.path.dirname(nearest)
     if not os.path.isdir(nearest) or not os.access(nearest, os.W_OK):
-        raise SystemExit(f"out_dir {out_dir} cannot be written ({nearest} is "
-                         f"{'a file' if not os.path.isdir(nearest) else 'read-only'}); pass another --out_dir")
+        return (f"out_dir {folder} cannot be written ({nearest} is "
+                f"{'a file' if not os.path.isdir(nearest) else 'read-only'}); pass another --out_dir")
+    return None
+
+
+refuse_together(unwritable(out_dir) if master else None)  # here, not after minutes of loading
 if grad_accum_steps % world:
     raise SystemExit(f"grad_accum_steps={grad_accum_steps} must be a multiple of the {world} ranks")
 if eval_windows % world:  # every rank evaluates its share: the same windows on any number of GPUs
@@ -343,6 +361,21 @@ def tier_text(tier_meta):
     return f"{tier_meta['train']['tokens']:,} train and {tier_meta['val']['tokens']:,} val tokens"
 
 
+def trimmed_log(upto):
+    """This out_dir's log without the steps a killed run logged past its checkpoint (they run again) or a line
+    the kill cut short; a reason to stop instead where a line is not a record."""
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(log_path):
+        return None, None
+    try:
+        with open(log_path) as f:
+            lines = [line for line in f if line.endswith("\n")]
+        return [line for line in lines if json.loads(line)["iter"] <= upto], None
+    except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+        return None, (f"{log_path} holds a line that is not one of train.py's records; mend or remove that line, "
+                      "then resume")
+
+
 def continued(ckpt):
     """The counters of a checkpoint's run, to go on from."""
     return dict(optim_state=ckpt["optimizer"], generations=ckpt["generations"], iter_num=ckpt["iter_num"],
@@ -380,23 +413,6 @@ def resume(ckpt):
                 raise SystemExit(f"--init_from=resume continues the run as it was set up, but {k}={config[k]} "
                                  f"(the run's: {ckpt['config'][k]}); drop the override, or start a new run from "
                                  f"its checkpoint with --init_from=branch --branch_from={ckpt_path}")
-    log_path = os.path.join(out_dir, "log.jsonl")
-    if master and os.path.exists(log_path):  # a killed run logged steps past its checkpoint: they run again
-        with open(log_path) as f:
-            lines = [line for line in f if line.endswith("\n")]  # a line cut short by the kill is dropped
-        try:
-            kept = [line for line in lines if json.loads(line)["iter"] <= ckpt["iter_num"]]
-        except (ValueError, KeyError, TypeError):
-            raise SystemExit(f"{log_path} holds a line that is not one of train.py's records; mend or remove that "
-                             "line, then resume") from None
-        try:
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(log_path + ".tmp", log_path)
-        except OSError as e:  # a full disk: the log stays as it was, with no partial copy beside it
-            if os.path.exists(log_path + ".tmp"):
-                os.remove(log_path + ".tmp")
-            raise SystemExit(f"cannot rewrite {log_path}: {e.strerror}; resume again once it can be written")
     return run
 
 
@@ -483,8 +499,9 @@ else:
     del ckpt
 model, optim_state, iter_num, stage_start = run["model"], run["optim_state"], run["iter_num"], run["stage_start"]
 if iter_num >= stage_start + max_iters and not eval_only:  # only a resume can be there
-    raise SystemExit(f"nothing to train: {ckpt_path} is at iteration {iter_num}, the end of its stage (which began "
-                     f"at {stage_start}, max_iters={max_iters}); raise max_iters to go on, or pass --eval_only=True")
+    go_on = "branch from it (--init_from=branch)" if cooldown_iters else "raise max_iters"
+    raise SystemExit(f"nothing to train: {ckpt_path} is at iteration {iter_num}, past its stage's end (it began at "
+                     f"{stage_start}, max_iters={max_iters}); {go_on} to go on, or pass --eval_only=True")
 tokens_total, flops_total, best_val_bpb, tier_ramp = run["tokens"], run["flops"], run["best_val_bpb"], run["tier_ramp"]
 generations = run["generations"]
 if init_from != "resume" or run["born"]:  # a stage starts here
@@ -530,12 +547,21 @@ if ddp and not fsdp:  # the RoPE buffers never change: nothing to broadcast befo
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 gradients underflow unscaled
 if scaler.is_enabled() and scaler_state:  # its scale goes on as it was, so a resumed float16 run is the same run
     scaler.load_state_dict(scaler_state)
+kept_log, reason = trimmed_log(iter_num) if master and init_from == "resume" else (None, None)
+refuse_together(reason)
 if master:
+    log_tmp = os.path.join(out_dir, "log.jsonl.tmp")
     try:
+        if kept_log is not None:  # only now, past every refusal: a refused resume leaves its log as it was
+            with open(log_tmp, "w") as f:
+                f.writelines(kept_log)
+            os.replace(log_tmp, os.path.join(out_dir, "log.jsonl"))
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
-    except OSError as e:
+    except OSError as e:  # a full disk: the log stays as it was, with no partial copy beside it
+        if os.path.exists(log_tmp):
+            os.remove(log_tmp)
         raise SystemExit(f"cannot write to out_dir {out_dir}: {e.strerror}; pass another --out_dir") from None
 log("config: " + (" ".join(f"{k}={v}" for k, v in config.items() if v != defaults[k]) or "the defaults"))
 
