@@ -357,13 +357,12 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
     toks = {n: load_tokenizer(tokenizer, n, gpt2_ranks) for n in sorted(set(tiers))}
     split = dict(val_ids=sorted(val_ids) if val_ids else None, val_fraction=None if val_ids else val_fraction,
                  doc_sep=None if whole_file else doc_sep)
-    source = os.path.abspath(input)
+    source = dict(source=os.path.abspath(input), source_bytes=input_bytes(input))
     dirs = {n: os.path.join(out_dir, f'{tok.name}_v{n}') for n, tok in toks.items()}
-    todo = [n for n in toks if not is_complete(dirs[n], toks[n], source, split)]
+    todo = [n for n in toks if tier_differs(dirs[n], toks[n], source, split) != []]
     for n in todo if not overwrite else []:
-        if other := complete_tier(dirs[n]):
-            its_split = ', '.join(f'{k} {v}' for k, v in other['split'].items() if v is not None)
-            raise PrepareError(f'{dirs[n]} already holds a complete tier of {other["source"]} ({its_split}); pass '
+        if differs := tier_differs(dirs[n], toks[n], source, split):
+            raise PrepareError(f'{dirs[n]} already holds a complete tier of other {" and ".join(differs)}; pass '
                                f'--overwrite to replace it (runs trained on it would then read other text), or '
                                f'another --out_dir')
     for n in sorted(set(toks) - set(todo)):
@@ -425,7 +424,7 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
                     os.replace(os.path.join(dirs[n], f'{s}.bin.tmp'), os.path.join(dirs[n], f'{s}.bin'))
                 # tokens counts the BOS ids too: bits per byte takes the loss over all predicted positions
                 meta = dict(tokenizer=tokenizer_record(tokenizer), tokenizer_sha256=toks[n].sha256, vocab_size=n,
-                            bos_id=toks[n].bos_id, source=source, split=split,
+                            bos_id=toks[n].bos_id, **source, split=split,
                             **{s: dict(tokens=tokens[n, s], **counts[s]) for s in ('train', 'val')})
                 with open(os.path.join(dirs[n], 'meta.json.tmp'), 'w') as f:
                     json.dump(meta, f, indent=1)
@@ -460,11 +459,25 @@ def complete_tier(tier_dir):
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
-def is_complete(tier_dir, tok, source, split):
-    """A tier is complete for this run when it is complete and its meta.json records this run's text and split."""
+def input_bytes(path):
+    """The input's size (a folder's: its files'), which with its name tells the same text at another path."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path) if os.path.isfile(path) else None
+
+
+def tier_differs(tier_dir, tok, source, split):
+    """None where there is no complete tier; else what differs from this run's request ([]: nothing, skip it).
+    The same text moved (a clone elsewhere) is the same text: the same file name and size."""
     meta = complete_tier(tier_dir)
-    return meta is not None and (meta['tokenizer_sha256'], meta['vocab_size'], meta['source'], meta['split']) == \
-        (tok.sha256, tok.vocab_size, source, split)
+    if meta is None:
+        return None
+    moved = source['source_bytes'] is not None and meta.get('source_bytes') == source['source_bytes'] and \
+        os.path.basename(meta['source']) == os.path.basename(source['source'])
+    return [what for what, same in (
+        (f'text ({meta["source"]})', meta['source'] == source['source'] or moved),
+        (f'split ({", ".join(f"{k} {v}" for k, v in meta["split"].items() if v is not None)})', meta['split'] == split),
+        ('tokenizer', (meta['tokenizer_sha256'], meta['vocab_size']) == (tok.sha256, tok.vocab_size))) if not same]
 
 META_KEYS = ('tokenizer', 'tokenizer_sha256', 'vocab_size', 'bos_id', 'source', 'train', 'val')  # what readers use
 SPLIT_KEYS = ('documents', 'tokens', 'bytes')
@@ -538,6 +551,14 @@ if __name__ == '__main__':
         if args.inspect:
             inspect(args.inspect, None if args.tokenizer == 'llama2' else args.tokenizer, args.gpt2_ranks)
             sys.exit()
+        if args.workers is not None and args.workers < 1:  # before any download: a refusal writes nothing
+            raise PrepareError(f'--workers {args.workers}: pass 1 or more')
+        if not 0 < args.val_fraction < 1:  # (also refuses nan)
+            raise PrepareError(f'--val_fraction {args.val_fraction}: pass a fraction between 0 and 1, such as 0.05')
+        try:
+            val_ids = [int(x) for x in args.val_ids.split(',')] if args.val_ids else None
+        except ValueError:
+            raise PrepareError(f'--val_ids {args.val_ids!r}: pass pg_id numbers joined by commas, such as 1342,84') from None
         name = args.dataset or ('tinyshakespeare' if not args.input else re.sub(r'\..*', '', os.path.basename(
             os.path.normpath(args.input))))
         ds = DATASETS.get(name, {})
@@ -545,16 +566,8 @@ if __name__ == '__main__':
             raise PrepareError(f'{name} has no download; pass --input PATH')
         url = ds.get('url')
         input = args.input or ds.get('path') or download(url, os.path.join(CACHE, name, os.path.basename(url)), ds['sha256'])
-        if args.workers < 1:
-            raise PrepareError(f'--workers {args.workers}: pass 1 or more')
-        if not 0 < args.val_fraction < 1:  # (also refuses nan)
-            raise PrepareError(f'--val_fraction {args.val_fraction}: pass a fraction between 0 and 1, such as 0.05')
-        try:
-            val_ids = [int(x) for x in args.val_ids.split(',')] if args.val_ids else ds.get('val_ids')
-        except ValueError:
-            raise PrepareError(f'--val_ids {args.val_ids!r}: pass pg_id numbers joined by commas, such as 1342,84') from None
         prepare(input, args.tokenizer, args.tiers, args.out_dir or os.path.join('data', name), args.val_fraction,
-                val_ids, args.doc_sep or ds.get('doc_sep', BLANK_LINE), args.whole_file, args.workers, args.gpt2_ranks,
-                args.overwrite)
+                val_ids or ds.get('val_ids'), args.doc_sep or ds.get('doc_sep', BLANK_LINE), args.whole_file,
+                args.workers, args.gpt2_ranks, args.overwrite)
     except PrepareError as e:
         sys.exit(f'prepare.py: {e}')

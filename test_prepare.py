@@ -1,5 +1,5 @@
 """Tests for prepare.py: exact round trips in every tier, the shared split, errors, interrupted writes."""
-import base64, collections, errno, hashlib, json, lzma, os, random, re, signal, subprocess, sys, time
+import base64, collections, errno, hashlib, json, lzma, os, random, re, shutil, signal, subprocess, sys, time
 import numpy as np
 import pytest
 import prepare
@@ -256,9 +256,12 @@ def test_the_defaults_are_shipped_and_need_no_network(tmp_path):
     (['--val_fraction', 'nan'], '--val_fraction nan: pass a fraction between 0 and 1'),
     (['--val_ids', '12,abc'], "--val_ids '12,abc': pass pg_id numbers joined by commas")])
 def test_bad_arguments_are_one_line_errors_that_write_nothing(tmp_path, args, message):
-    r = subprocess.run([sys.executable, 'prepare.py', '--dataset', 'tinyshakespeare', '--tiers', '512',
+    """Refused before anything is downloaded (tinystories is; a dead proxy would fail it otherwise)."""
+    dead = 'http://127.0.0.1:9'
+    env = {**os.environ, 'HTTP_PROXY': dead, 'HTTPS_PROXY': dead, 'http_proxy': dead, 'https_proxy': dead}
+    r = subprocess.run([sys.executable, 'prepare.py', '--dataset', 'tinystories', '--tiers', '512',
                         '--out_dir', str(tmp_path / 'out'), *args], cwd=os.path.dirname(prepare.__file__),
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith(f'prepare.py: {message}'), r.stderr
     assert not (tmp_path / 'out').exists()
@@ -326,10 +329,13 @@ def test_a_complete_tier_of_other_text_or_split_is_kept_unless_overwrite(tmp_pat
     prepare.prepare(str(tmp_path / 'a' / 'in.txt'), LLAMA2, [512], out, workers=1)
     tier = tmp_path / 'out' / 'llama2_v512'
     before = {f: (tier / f).read_bytes() for f in os.listdir(tier)}
-    for source, fraction in (('b', 0.05), ('a', 0.5)):  # other text, and the same text split otherwise
-        with pytest.raises(PrepareError, match='already holds a complete tier of .*pass --overwrite'):
+    for source, fraction, what in (('b', 0.05, 'other text'), ('a', 0.5, 'other split')):
+        with pytest.raises(PrepareError, match=f'already holds a complete tier of {what} .*pass --overwrite'):
             prepare.prepare(str(tmp_path / source / 'in.txt'), LLAMA2, [512], out, val_fraction=fraction, workers=1)
         assert {f: (tier / f).read_bytes() for f in os.listdir(tier)} == before
+    shutil.copytree(tmp_path / 'a', tmp_path / 'moved')  # the same text elsewhere (a clone moved): skipped
+    prepare.prepare(str(tmp_path / 'moved' / 'in.txt'), LLAMA2, [512], out, workers=1)
+    assert {f: (tier / f).read_bytes() for f in os.listdir(tier)} == before
     prepare.prepare(str(tmp_path / 'b' / 'in.txt'), LLAMA2, [512], out, workers=1, overwrite=True)
     assert json.loads((tier / 'meta.json').read_text())['source'] == str(tmp_path / 'b' / 'in.txt')
 
