@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import tempfile
 
 from model import load_checkpoint, model_from_checkpoint
 
@@ -67,16 +68,20 @@ def write_tokenizer(tok, out_dir, block_size):
 
 def export(ckpt, out_dir, tok=None):
     """Write ckpt (a checkpoint dict) as a Hugging Face Llama folder; tok: its tier's tokenizer, or None. The
-    folder is written beside out_dir and renamed into place when whole, so a killed export leaves no folder of
-    weights and config that disagree; out_dir must not exist or be empty."""
+    folder is written beside out_dir (out_dir.part-XXXX) and renamed into place when whole, so a killed export
+    leaves no folder of weights and config that disagree; out_dir must not exist or be empty."""
     from safetensors.torch import save_file
     model = model_from_checkpoint(ckpt)
     sd = hf_state_dict(model)
     dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
-    part = f"{os.path.normpath(out_dir)}.part"
-    shutil.rmtree(part, ignore_errors=True)  # a killed export's
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    part = None
     try:
-        os.makedirs(part)
+        os.makedirs(parent, exist_ok=True)
+        part = tempfile.mkdtemp(dir=parent, prefix=f"{os.path.basename(os.path.abspath(out_dir))}.part-")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(part, 0o777 & ~umask)  # not mkdtemp's 0700: the folder goes into place as makedirs would make it
         save_file(sd, os.path.join(part, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(part, "config.json"), "w") as f:
             json.dump(hf_config(model.config, tok.bos_id if tok else 1, dtype), f, indent=2)
@@ -86,7 +91,8 @@ def export(ckpt, out_dir, tok=None):
             write_tokenizer(tok, part, model.config.block_size)
         os.replace(part, out_dir)  # onto a missing or empty folder
     except OSError as e:
-        shutil.rmtree(part, ignore_errors=True)
+        if part:
+            shutil.rmtree(part, ignore_errors=True)
         raise SystemExit(f"export.py: cannot write {out_dir}: {e.strerror}; pass another --out_dir") from None
 
 
@@ -97,9 +103,10 @@ def main(argv=None):
     ap.add_argument("--out_dir", required=True)
     ap.add_argument("--tokenizer", help="the checkpoint's tokenizer file, if prepare.py cannot find it by name")
     args = ap.parse_args(argv)
-    if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
-        raise SystemExit(f"export.py: --out_dir {args.out_dir} is {'a file' if os.path.isfile(args.out_dir) else 'not empty'};"
-                         " an export is a folder of its own: pass a new one")
+    out = args.out_dir
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out) or os.path.samefile(out, os.getcwd())):
+        what = "a file" if not os.path.isdir(out) else "not empty" if os.listdir(out) else "the current folder"
+        raise SystemExit(f"export.py: --out_dir {out} is {what}; an export is a folder of its own: pass a new one")
     ckpt = load_checkpoint(args.ckpt)  # refuses a checkpoint with NaN or inf: nothing is written
     export(ckpt, args.out_dir, checkpoint_tokenizer(ckpt, args.tokenizer))
     print(f"wrote {args.out_dir}: {', '.join(sorted(os.listdir(args.out_dir)))}")

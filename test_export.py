@@ -222,20 +222,30 @@ def test_sample_allows_greedy_and_every_token(ckpt_path, capsys):
     assert first == second, "greedy is deterministic"
 
 
-def test_export_keeps_an_existing_folder_and_leaves_no_partial_one(ckpt_path, tmp_path):
+def test_export_keeps_an_existing_folder_and_leaves_no_partial_one(ckpt_path, tmp_path, monkeypatch):
     run = tmp_path / "run"  # a training run's folder: its config.json is not Hugging Face's
     run.mkdir()
     (run / "config.json").write_text('{"learning_rate": 0.001}')
     (tmp_path / "afile").write_text("keep me")
-    for out_dir, what in ((run, "not empty"), (tmp_path / "afile", "a file")):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")  # empty, but a folder cannot be renamed onto the current one
+    for out_dir, what in ((run, "not empty"), (tmp_path / "afile", "a file"), (".", "the current folder")):
         with pytest.raises(SystemExit) as e:
             export.main(["--ckpt", ckpt_path, "--out_dir", str(out_dir), "--tokenizer", LLAMA2])
         assert e.value.code == (f"export.py: --out_dir {out_dir} is {what}; an export is a folder of its own: "
                                 "pass a new one")
     assert (run / "config.json").read_text() == '{"learning_rate": 0.001}' and os.listdir(run) == ["config.json"]
     assert (tmp_path / "afile").read_text() == "keep me"
+    (tmp_path / "hf.part").mkdir()  # a folder of the user's that happens to bear the name: kept
     export.main(["--ckpt", ckpt_path, "--out_dir", str(tmp_path / "hf"), "--tokenizer", LLAMA2])
-    assert sorted(os.listdir(tmp_path)) == ["afile", "hf", "run"], "no .part folder left beside it"
+    assert sorted(os.listdir(tmp_path)) == ["afile", "here", "hf", "hf.part", "run"], "no .part folder left beside it"
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o777 & ~current_umask()
+
+
+def current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def test_sample_and_export_refuse_a_non_finite_checkpoint(ckpt_path, tmp_path):
