@@ -87,8 +87,8 @@ try:
                       ffn_hidden=ffn_hidden, block_size=block_size)
 except ValueError as e:
     raise SystemExit(f"bench.py: {e}") from None
-if sample and max_new_tokens == 0:
-    max_new_tokens = 256 if torch.cuda.is_available() else 32
+if sample and max_new_tokens == 0:  # the default: what fits, up to 256 on CUDA and 32 on the CPU
+    max_new_tokens = min(256 if torch.cuda.is_available() else 32, block_size - prompt_tokens)
 if sample and (prompt_tokens < 1 or max_new_tokens < 1 or prompt_tokens + max_new_tokens > block_size):
     raise SystemExit(f"bench.py: --prompt_tokens={prompt_tokens} --max_new_tokens={max_new_tokens}: pass a prompt of "
                      f"1 or more tokens and 1 or more new ones, {block_size} (block_size) at most in all")
