@@ -75,7 +75,7 @@ sample = False  # time generation instead (batch 1; CPU too)
 sample_modes = "none,dynamic,static,compiled"
 sample_weights = "joined,copied"
 prompt_tokens = 16
-max_new_tokens = 0  # per timed generation; 0: 256 on CUDA, 32 on the CPU
+max_new_tokens = 0  # per timed generation; 0: 256 on CUDA, 32 on the CPU, or what block_size leaves
 parallelism = "ddp"  # 'ddp' | 'fsdp' (FSDP2 as train.py; under torchrun, where one process is enough)
 # the config files set training keys bench ignores
 (out_dir, init_from, grow_from, data_dir, max_iters, learning_rate, min_lr, warmup_iters, decay_iters, lr_mult,
