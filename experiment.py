@@ -321,11 +321,14 @@ def run(names, extra, jobs):
                 if not os.path.exists(log_copy(name)):
                     keep_log(name)
                 continue
-            shutil.rmtree(f"{OUT}/{name}", ignore_errors=True)  # an unfinished run starts again
-            os.makedirs(f"{OUT}/{name}")
-            log = open(f"{OUT}/{name}/stdout.log", "w")
-            cmd = [sys.executable, repo_path("train.py"), *args, *extra]
-            print(f"start {name}: {' '.join(cmd[1:])}", flush=True)
+            # an unfinished run goes on from its checkpoint (a killed one's work is kept); without one it starts again
+            resume = ["--init_from=resume"] if os.path.exists(f"{OUT}/{name}/ckpt.pt") else []
+            if not resume:
+                shutil.rmtree(f"{OUT}/{name}", ignore_errors=True)
+                os.makedirs(f"{OUT}/{name}")
+            log = open(f"{OUT}/{name}/stdout.log", "a")
+            cmd = [sys.executable, repo_path("train.py"), *args, *extra, *resume]
+            print(f"{'resume' if resume else 'start'} {name}: {' '.join(cmd[1:])}", flush=True)
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time())
         for name, (proc, t) in list(running.items()):
             if proc.poll() is None:

@@ -279,3 +279,21 @@ def test_a_killed_runs_cut_line_and_a_stray_log_are_not_read_as_records(study, t
                        cwd=study, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "skipping" in r.stderr and "notes.jsonl" in r.stderr, r.stderr[-2000:]
     assert json.loads((tmp_path / "study_results.json").read_text())["regimes"]["tiny"]["frontier"]
+
+
+def test_a_killed_run_goes_on_from_its_checkpoint(study, tmp_path):
+    """A run killed mid-way (here: its stable phase at the first snapshot) resumes, keeping what it had done."""
+    (tmp_path / "data").mkdir()
+    os.symlink(os.readlink(study / "data" / "tinyshakespeare"), tmp_path / "data" / "tinyshakespeare")
+    name = "tiny/scratch_lr0.003/s1337/stable"
+    run_dir = tmp_path / "out" / "study" / name
+    shutil.copytree(study / "out" / "study" / name, run_dir)
+    os.replace(run_dir / "ckpt_20.pt", run_dir / "ckpt.pt")  # where the kill left it: iteration 20 of 40
+    events = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    with open(run_dir / "log.jsonl", "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in events if e["iter"] <= 25)  # it had logged a little past 20
+    out = experiment(tmp_path, "run", name, f"--tokenizer={LLAMA2}", "--compile=False")
+    assert f"resume {name}:" in out and f"finished {name}" in out, out
+    evals = [e["iter"] for e in map(json.loads, open(tmp_path / "assets" / "study" / f"{name.replace('/', '__')}.jsonl"))
+             if e["event"] == "eval"]
+    assert evals == sorted(set(evals)) and evals[-1] == 40, evals
