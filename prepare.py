@@ -220,12 +220,15 @@ def tokenizer_record(spec):
 OPENERS = {'.xz': lzma.open, '.gz': gzip.open}
 TXT_BLOCK = 1 << 24  # bytes read at a time from a .txt file
 
+def input_files(path):
+    """The input's files, in a fixed order: path itself, or every file under the folder path."""
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
+
 def read_documents(path, doc_sep=BLANK_LINE, whole_file=False):
     """Yield (pg_id or None, text) for every non-blank document, in a fixed order, without reading it all."""
     if not os.path.exists(path):
         raise PrepareError(f'input {path} not found; pass --input FILE_OR_FOLDER')
-    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
-    for f in files:
+    for f in input_files(path):
         kind = re.search(r'\.(txt|jsonl?)(\.xz|\.gz)?$', f)
         if not kind and not os.path.isdir(path):
             raise PrepareError(f'{f}: unknown kind of input; pass a .txt, .jsonl, .jsonl.xz or .json.gz file')
@@ -461,9 +464,7 @@ def complete_tier(tier_dir):
 
 def input_bytes(path):
     """The input's size (a folder's: its files'), which with its name tells the same text at another path."""
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-    return os.path.getsize(path) if os.path.isfile(path) else None
+    return sum(os.path.getsize(f) for f in input_files(path)) if os.path.exists(path) else None
 
 
 def tier_differs(tier_dir, tok, source, split):
