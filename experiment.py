@@ -721,7 +721,8 @@ if __name__ == "__main__":
         needed = to_run(chosen, everything)
         for name in sorted(set(chosen) - needed):
             print(f"done already: {name} (its log is in {LOGS})")
-        run({n: everything[n] for n in everything if n in needed}, extra, job_limit({n: everything[n] for n in needed}, jobs))
+        planned = {n: everything[n] for n in everything if n in needed}
+        run(planned, extra, job_limit(planned, jobs))
     elif cmd == "report":
         report(os.path.join(os.path.dirname(LOGS.rstrip("/")), "study"))  # beside the logs' folder
     elif cmd == "todo":

@@ -362,10 +362,11 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
                  doc_sep=None if whole_file else doc_sep)
     source = dict(source=os.path.abspath(input), source_bytes=input_bytes(input))
     dirs = {n: os.path.join(out_dir, f'{tok.name}_v{n}') for n, tok in toks.items()}
-    todo = [n for n in toks if tier_differs(dirs[n], toks[n], source, split) != []]
+    differs = {n: tier_differs(dirs[n], toks[n], source, split) for n in toks}
+    todo = [n for n in toks if differs[n] != []]
     for n in todo if not overwrite else []:
-        if differs := tier_differs(dirs[n], toks[n], source, split):
-            raise PrepareError(f'{dirs[n]} already holds a complete tier of other {" and ".join(differs)}; pass '
+        if differs[n]:
+            raise PrepareError(f'{dirs[n]} already holds a complete tier of other {" and ".join(differs[n])}; pass '
                                f'--overwrite to replace it (runs trained on it would then read other text), or '
                                f'another --out_dir')
     for n in sorted(set(toks) - set(todo)):
@@ -465,7 +466,6 @@ def complete_tier(tier_dir):
 def input_bytes(path):
     """The input's size (a folder's: its files'), which with its name tells the same text at another path."""
     return sum(os.path.getsize(f) for f in input_files(path)) if os.path.exists(path) else None
-
 
 def tier_differs(tier_dir, tok, source, split):
     """None where there is no complete tier; else what differs from this run's request ([]: nothing, skip it).

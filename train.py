@@ -140,10 +140,10 @@ if not out_dir:
 if condense_upto < -1:
     raise SystemExit(f"condense_upto={condense_upto}: pass a generation (0, 1, ...) or -1 (off)")
 try:
-    device_kind = torch.device(device).type
+    device_type = torch.device(device).type  # cuda:N under torchrun below is still cuda
 except RuntimeError:
     raise SystemExit(f"device={device!r} is not a device torch knows: pass cpu, cuda or cuda:N") from None
-if device_kind not in ("cpu", "cuda"):
+if device_type not in ("cpu", "cuda"):
     raise SystemExit(f"device={device!r}: train.py runs on cpu or cuda (cuda:N); pass one of those")
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise SystemExit(f"device={device!r} but this torch has no usable CUDA; pass --device=cpu (and --dtype=float32)")
@@ -201,7 +201,6 @@ if eval_windows % world:  # every rank evaluates its share: the same windows on 
     raise SystemExit(f"eval_windows={eval_windows} must be a multiple of the {world} ranks")
 accum = grad_accum_steps // world
 tokens_per_iter = batch_size * block_size * grad_accum_steps
-device_type = "cuda" if device.startswith("cuda") else "cpu"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 autocast = nullcontext() if device_type == "cpu" else torch.autocast(device_type, dtype=ptdtype)
 torch.manual_seed(seed)  # the same initial weights on every rank: FSDP shards them as they are
