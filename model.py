@@ -299,6 +299,19 @@ class Growable(nn.Module):
             setattr(self, name, named_tensors.get(name))
 
 
+def runnable_device_type(device):
+    """device's type, 'cpu' or 'cuda' (the two this code runs on), or a ValueError that says what to pass."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:  # a name torch does not know
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not one this code runs on: pass cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this torch has no usable CUDA: pass cpu")
+    return kind
+
+
 # -----------------------------------------------------------------------------
 # fused kernels, optional: liger-kernel's Triton versions of the elementwise ops, on CUDA
 

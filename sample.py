@@ -18,7 +18,7 @@ import time
 import torch
 
 from grow import condense
-from model import StaticDecoder, load_checkpoint, model_from_checkpoint
+from model import StaticDecoder, load_checkpoint, model_from_checkpoint, runnable_device_type
 from prepare import PrepareError, load_tokenizer
 
 
@@ -43,13 +43,9 @@ def check_args(args):
         raise SystemExit(f"sample.py: --num_samples={args.num_samples} is not allowed; pass 1 or more")
     if args.device is not None:
         try:
-            kind = torch.device(args.device).type
-        except RuntimeError:
-            kind = None
-        if kind not in ("cpu", "cuda"):
-            raise SystemExit(f"sample.py: --device={args.device} is not allowed; pass cpu, cuda or cuda:N")
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"sample.py: --device={args.device} but this torch has no usable CUDA; pass --device=cpu")
+            runnable_device_type(args.device)
+        except ValueError as e:
+            raise SystemExit(f"sample.py: {e}") from None
 
 
 def main(argv=None):

@@ -202,8 +202,9 @@ def test_sample_refuses_a_negative_setting_in_one_line(ckpt_path, flag, value):
 
 @pytest.mark.parametrize("args, message", [
     (["--num_samples=0"], "--num_samples=0 is not allowed; pass 1 or more"),
-    (["--device=gpu"], "--device=gpu is not allowed; pass cpu, cuda or cuda:N"),
-    (["--device=meta"], "--device=meta is not allowed; pass cpu, cuda or cuda:N"),
+    (["--device=gpu"], "device='gpu' is not one this code runs on: pass cpu, cuda or cuda:N"),
+    (["--device=meta"], "device='meta' is not one this code runs on"),
+    *([] if torch.cuda.is_available() else [(["--device=cuda:0"], "device='cuda:0' but this torch has no usable CUDA")]),
     (["--prompt=\udcff\udcfe"], "the prompt is not UTF-8 text"),  # how Python passes argv bytes that are not UTF-8
     (["--prompt_file={tmp}/latin1.txt"], "the prompt file is not UTF-8 text")])
 def test_sample_refuses_bad_arguments_in_one_line(ckpt_path, tmp_path, args, message):

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import OPTIONS as GROWTH_OPTIONS, GrowError, grow_checkpoint
 from model import CHECKPOINT_KEYS, GPT, GPTConfig, RESUME_KEYS, checkpoint_params, fused_kernel_names, \
-    load_checkpoint, load_fused_kernels, model_from_checkpoint, save_checkpoint
+    load_checkpoint, load_fused_kernels, model_from_checkpoint, runnable_device_type, save_checkpoint
 import prepare
 
 # -----------------------------------------------------------------------------
@@ -140,13 +140,9 @@ if not out_dir:
 if condense_upto < -1:
     raise SystemExit(f"condense_upto={condense_upto}: pass a generation (0, 1, ...) or -1 (off)")
 try:
-    device_type = torch.device(device).type  # cuda:N under torchrun below is still cuda
-except RuntimeError:
-    raise SystemExit(f"device={device!r} is not a device torch knows: pass cpu, cuda or cuda:N") from None
-if device_type not in ("cpu", "cuda"):
-    raise SystemExit(f"device={device!r}: train.py runs on cpu or cuda (cuda:N); pass one of those")
-if device.startswith("cuda") and not torch.cuda.is_available():
-    raise SystemExit(f"device={device!r} but this torch has no usable CUDA; pass --device=cpu (and --dtype=float32)")
+    device_type = runnable_device_type(device)  # cuda:N under torchrun below is still cuda
+except ValueError as e:
+    raise SystemExit(str(e)) from None
 if dtype == "float16" and (not device.startswith("cuda") or parallelism == "fsdp"):
     raise SystemExit("dtype='float16' (with a GradScaler, for GPUs without bfloat16 such as the T4) needs "
                      "device=cuda and parallelism='ddp'; elsewhere use bfloat16 or float32")
