@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 OUT, LOGS = "out/study", "assets/study"  # relative to the folder it runs in (which holds data/)
+RULED_OUT = 0.05  # val bpb: a peak LR whose stable run ends this far above another's needs no cooldown branches
 SEEDS = (1337, 2024, 7)  # the study's seeds, in the order candidates take them
 HERE = os.path.dirname(os.path.abspath(__file__))
 COOLDOWN = 0.2  # of the iterations before it
@@ -530,13 +531,21 @@ def todo(results, names):
         if "seeds" not in r:
             continue  # no protocol (tiny)
         ladders, seeds, first = r.get("ladders", LADDERS), SEEDS[:r["seeds"]], SEEDS[0]
-        branches = [f"cd{k}" for k in branch_iters(r)]
-        want = [f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{first}/" for shape in r["scratch_shapes"]
-                for lr in r["lrs"] if f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{first}/stable" not in names]
+        branches, want = [f"cd{k}" for k in branch_iters(r)], []
+        for shape in r["scratch_shapes"]:
+            # a screen: the first seed's stable run and every branch (cooldowns rank the LRs), but no branches for an
+            # LR whose stable run ends more than RULED_OUT above another's (they would not change the pick)
+            screens = [f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{first}/" for lr in r["lrs"]]
+            ends = {p: end[0] for p in screens if (end := final_eval(p + "stable", "val_bpb"))}
+            ruled_out = {p for p, bpb in ends.items() if bpb > min(ends.values()) + RULED_OUT}
+            want += [p for p in screens
+                     if p not in ruled_out and any(p + part not in names for part in ["stable", *branches])]
         want += [f"{regime}/{v}/s{first}/" for v, stages in ladders.items()
                  if f"{regime}/{v}/s{first}/s{len(stages)}" not in names]
-        done = results["regimes"].get(regime, {})  # each scratch shape's best LR gets the seeds
+        done = results["regimes"].get(regime, {})  # each scratch shape's best LR gets the seeds, once all are screened
         for best in [done["scratch_best"], *done.get("other_shapes", {})] if done else []:
+            if any(p.startswith(f"{regime}/{best.rsplit('_lr', 1)[0]}_lr") for p in want):
+                continue
             want += [f"{regime}/{best}/s{s}/" for s in seeds
                      if any(f"{regime}/{best}/s{s}/{b}" not in names for b in branches)]
         ratios = {k.split("/", 1)[1]: c["flops_ratio_any_shape"]["mean"] for k, c in results["candidates"].items()

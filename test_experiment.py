@@ -97,14 +97,16 @@ def test_a_logged_run_runs_again_only_as_the_parent_of_one_that_is_not(study):
     assert json.loads((logs / "tiny__ref__s1337__s2.jsonl").read_text().splitlines()[-1])["event"] == "eval"
 
 
-def test_todo_asks_for_what_the_protocol_lacks():
+def test_todo_asks_for_what_the_protocol_lacks(tmp_path, monkeypatch):
     """Screening with the first seed for every peak LR and ladder; three seeds for scratch's best LR, the
     reference and the ladders within 0.1 of the best ratio against any scratch shape; none for one beyond it
     (even4 beats the final shape's frontier only), or for what has run."""
     import experiment
+    monkeypatch.setattr(experiment, "LOGS", str(tmp_path))  # the stable runs' logs, written below where needed
     c = experiment.REGIMES["c"]
     every = [200, 400, 600, 800]
-    names = {f"c/{shape}_lr{lr:g}/s1337/stable" for lr in c["lrs"] for shape in ("scratch", "scratch_small")}
+    names = {f"c/{shape}_lr{lr:g}/s1337/{part}" for lr in c["lrs"] for shape in ("scratch", "scratch_small")
+             for part in ["stable", *(f"cd{k}" for k in every)]}
     names |= {f"c/scratch_lr0.002/s{s}/cd{k}" for s in (1337, 2024) for k in every}
     names |= {f"c/{v}/s1337/s{len(stages)}" for v, stages in experiment.LADDERS.items()}  # each one's last stage
     names |= {"c/new2x/s2024/s2", "c/new2x/s7/s2"}
@@ -122,6 +124,21 @@ def test_todo_asks_for_what_the_protocol_lacks():
     del results["regimes"]["c"]["other_shapes"]
     assert experiment.todo(results, names - {"c/scratch_small_lr0.004/s1337/stable"})["c"][0] == \
         "c/scratch_small_lr0.004/s1337/"
+    # a screen whose stable run is in but a cooldown branch is not is unfinished (a call cut short); and the
+    # shape's best LR, judged without it, gets no seeds until it is in
+    results["regimes"]["c"]["other_shapes"] = {"scratch_small_lr0.002": []}
+    want = experiment.todo(results, names - {"c/scratch_small_lr0.004/s1337/cd800"})["c"]
+    assert want[0] == "c/scratch_small_lr0.004/s1337/" and not any(w.startswith("c/scratch_small_lr0.002/") for w in want)
+    assert "c/scratch_lr0.002/s7/" in want  # the other shape's screens are complete: its seeds go on
+    # an LR whose stable run ended more than RULED_OUT above another's needs no branches; one closer does
+    results["regimes"]["c"]["other_shapes"] = {}
+    for lr, end in ((1e-3, 1.50), (2e-3, 1.49), (4e-3, 1.49 + experiment.RULED_OUT + 0.01)):
+        name = f"c/scratch_small_lr{lr:g}/s1337/stable"
+        with open(experiment.log_copy(name), "w") as f:
+            f.write(json.dumps({"event": "eval", "iter": 800, "flops": 1e16, "val_bpb": end}) + "\n")
+    names -= {f"c/scratch_small_lr{lr:g}/s1337/cd800" for lr in (1e-3, 4e-3)}
+    want = experiment.todo(results, names)["c"]
+    assert "c/scratch_small_lr0.001/s1337/" in want and "c/scratch_small_lr0.004/s1337/" not in want
 
 
 def test_a_regime_of_large_runs_caps_how_many_go_at_once(tmp_path, monkeypatch):
