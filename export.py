@@ -42,7 +42,7 @@ def hf_state_dict(model):
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
-def hf_config(c, bos_id, dtype):
+def hf_config(c, bos_id, eos_id, dtype):
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": c.vocab_size, "hidden_size": c.n_embd, "intermediate_size": c.ffn_hidden,
@@ -51,8 +51,16 @@ def hf_config(c, bos_id, dtype):
         "rms_norm_eps": c.norm_eps,  # growth scales eps with d_old/d_new: take the grown one
         "rope_theta": c.rope_theta, "rope_scaling": None,
         "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "bos_token_id": bos_id, "eos_token_id": 2, "torch_dtype": dtype,  # </s> is 2 in every Llama 2 tier
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": dtype,
     }
+
+
+def document_ids(tok):
+    """(bos, eos) for the exported config: Llama 2's <s> and </s> (1 and 2 in every tier); a GPT-2 tier has one
+    separator, <|endoftext|>, before each document, which also ends the one before."""
+    if tok is None or hasattr(tok, "truncated"):
+        return (tok.bos_id if tok else 1), 2
+    return tok.bos_id, tok.bos_id
 
 
 def write_tokenizer(tok, out_dir, block_size):
@@ -84,7 +92,7 @@ def export(ckpt, out_dir, tok=None):
         os.chmod(part, 0o777 & ~umask)  # not mkdtemp's 0700: the folder goes into place as makedirs would make it
         save_file(sd, os.path.join(part, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(part, "config.json"), "w") as f:
-            json.dump(hf_config(model.config, tok.bos_id if tok else 1, dtype), f, indent=2)
+            json.dump(hf_config(model.config, *document_ids(tok), dtype), f, indent=2)
         if tok is not None and not hasattr(tok, "truncated"):
             print(f"{tok.name} is not a SentencePiece tokenizer: no tokenizer files written")
         elif tok is not None:

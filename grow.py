@@ -139,6 +139,7 @@ def grow_layer(block, c, gen):
     grow_norm(block.attn_norm, d, gen)
     grow_norm(block.ffn_norm, d, gen)
     block.attn.n_head, block.attn.head_dim = c.n_head, c.head_dim
+    block.attn.dropout = block.ffn.dropout.p = c.dropout  # the config's, as a checkpoint loads it everywhere
 
 
 def new_layer(c, gen, init, source):

@@ -64,6 +64,15 @@ def test_export_logits_match_transformers(ckpt_path, model, tmp_path):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+def test_export_names_each_tokenizer_familys_document_tokens(tok, tmp_path):
+    """Llama 2's <s> and </s>; a GPT-2 tier's one separator, <|endoftext|> (its last id), for both: id 2 there is an
+    ordinary token, where transformers' generate would stop."""
+    from test_prepare import small_rank_table
+    small_rank_table(tmp_path / "ranks.tiktoken")
+    gpt2 = load_tokenizer("gpt2", 300, gpt2_ranks=str(tmp_path / "ranks.tiktoken"))
+    assert export.document_ids(tok) == (1, 2) and export.document_ids(gpt2) == (299, 299)
+
+
 def test_export_tokenizer_is_the_tier(ckpt_path, tok, tmp_path):
     import sentencepiece as spm
     from transformers import AutoTokenizer

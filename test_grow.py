@@ -197,6 +197,15 @@ def test_growth_preserves_logits(growth, seed):
         assert model.generations() == [0, 1, 2]
 
 
+def test_growth_gives_old_layers_the_new_dropout():
+    """Every layer trains with the grown config's dropout, as a checkpoint of it loads (model_from_checkpoint):
+    old layers kept their own, and a resumed grown stage was another run."""
+    model = tiny_model(replace(tiny_config(random.Random(0)), dropout=0.0), seed=0)
+    new = replace(bigger(model.config, ["n_layer", "ffn_hidden"], random.Random(1)), dropout=0.1)
+    grown, _ = grow_model(model, new, None, tokenizer=FakeTokenizer(new.vocab_size))
+    assert [(b.attn.dropout, b.ffn.dropout.p) for b in grown.layers] == [(0.1, 0.1)] * new.n_layer
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_copied_layers_change_the_function(seed):
     """The ablation layer_init='copy' is real: a copy of a layer is not the identity."""

@@ -734,8 +734,31 @@ def test_a_checkpoint_grown_by_grow_py_resumes_as_a_new_stage(ladder, data, tmp_
     # the new generation follows this config's schedule (stage 2's), not a copy of its parent's
     assert load_checkpoint(out / "ckpt.pt")["generations"] == expected_table()[:2]
     assert log[0]["event"] == "grow"  # the parent-tier check ran (test_a_grow_py_checkpoint_resumed_runs_...)
+    assert (log[1]["event"], log[1]["iter"]) == ("eval", STAGE_ITERS)  # the stage's start is scored, as train.py's own
     for e in log[1:]:
         assert e["lr"]["1"] == pytest.approx(reference_lr(expected_table()[1], step_of(e)), rel=1e-12), e
+
+
+def test_checkpoints_grown_twice_by_grow_py_train_on_resume_and_grow(ladder, data, tmp_path):
+    """grow.py's untrained output grown again (by grow.py or train.py), or resumed: every generation that no stage
+    has trained takes the training stage's schedule from its birth, no traceback."""
+    def grow_py(ckpt, out, *shape):
+        r = subprocess.run([sys.executable, "grow.py", "--ckpt", str(ckpt), "--out", str(out), *shape], cwd=HERE,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+    grow_py(ladder[1] / "ckpt.pt", tmp_path / "layers.pt", "--n_layer=3")
+    grow_py(tmp_path / "layers.pt", tmp_path / "twice" / "ckpt.pt", "--n_head=3", "--ffn_hidden=128",
+            "--vocab_size=1024", f"--data_dir={data / 'llama2_v1024'}")
+    args = [a for a in stage_args(data, 2, ladder[1]) if not a.startswith("--grow_from")]
+    resumed = train(tmp_path / "twice", *args, "--init_from=resume")
+    grown = train(tmp_path / "grown", *args, f"--grow_from={tmp_path / 'layers.pt'}")
+    for out, log in ((tmp_path / "twice", resumed), (tmp_path / "grown", grown)):
+        table = load_checkpoint(out / "ckpt.pt")["generations"]
+        assert [g["gen"] for g in table] == [0, 1, 2][:len(table)] and all("lr" in g for g in table)
+        for e in log:
+            if e["event"] == "train":  # every untrained generation at this stage's schedule, from its birth
+                for g in table[1:]:
+                    assert e["lr"][str(g["gen"])] == pytest.approx(reference_lr(g, step_of(e)), rel=1e-12), e
 
 
 # -----------------------------------------------------------------------------

@@ -378,6 +378,13 @@ def continued(ckpt):
                 tier_ramp=ckpt.get("tier_ramp"), rng=ckpt["rng"], scaler=ckpt.get("scaler"))
 
 
+def scheduled(generations):
+    """(records, the generations born in this stage): grow.py writes a new generation's record with no schedule
+    (it trains nothing), so one grown by it, once or more, takes this stage's schedule from its birth."""
+    return ([g if "lr" in g else stage_schedule(g["gen"], g["birth"]) for g in generations],
+            {g["gen"] for g in generations if "lr" not in g})
+
+
 def scratch():
     return dict(model=GPT(model_config), optim_state={}, generations=[stage_schedule(0, 0)], iter_num=0, tokens=0,
                 flops=0, best_val_bpb=None, stage_start=0, born={0}, tier_ramp=None, rng=None)
@@ -386,11 +393,9 @@ def scratch():
 def resume(ckpt):
     """This out_dir's run, where its checkpoint left it. A checkpoint grown by grow.py starts its stage here."""
     check_same_shape(ckpt, "resume")
-    run = dict(continued(ckpt), model=model_from_checkpoint(ckpt), stage_start=ckpt["stage_start"], born=set())
-    if "lr" not in run["generations"][-1]:  # grow.py's new generation: this config's schedule, from its birth
-        newborn = run["generations"][-1]
-        run["generations"] = run["generations"][:-1] + [stage_schedule(newborn["gen"], newborn["birth"])]
-        run["born"] = {newborn["gen"]}
+    run = dict(continued(ckpt), model=model_from_checkpoint(ckpt), stage_start=ckpt["stage_start"])
+    run["generations"], run["born"] = scheduled(run["generations"])
+    if run["born"]:  # grow.py's output: its stage starts here
         if "parent_data" in ckpt:  # a growth as train.py's own: its check, and a ramp if asked for
             run.update(grown_from_tier(ckpt["parent_data"], ckpt["iter_num"]), rng=None)
     else:
@@ -419,8 +424,10 @@ def branch(ckpt):
             if ckpt["config"].get(k, config[k]) != config[k]}
     if kept:
         log(f"warning: a branch keeps the parent's learning-rate records, so these do nothing here: {kept}")
-    return dict(continued(ckpt), model=model_from_checkpoint(ckpt), stage_start=ckpt["iter_num"], born=set(),
-                parent_val_bpb=ckpt["last_val_bpb"])
+    run = dict(continued(ckpt), model=model_from_checkpoint(ckpt), stage_start=ckpt["iter_num"],
+               parent_val_bpb=ckpt["last_val_bpb"])
+    run["generations"], run["born"] = scheduled(run["generations"])  # none unless grow.py's output, untrained
+    return run
 
 
 def parent_tier(data):
@@ -459,8 +466,10 @@ def grow(ckpt):
             head_init=head_init)
     except GrowError as e:
         raise SystemExit(f"cannot grow {grow_from} to this config: {e}")
+    generations, untrained = scheduled(generations)  # the parent may be grow.py's output, never trained
     run = dict(continued(ckpt), model=model, optim_state=optim_state, generations=generations,
-               stage_start=ckpt["iter_num"], born={generations[-1]["gen"]}, **grown_from_tier(ckpt["data"], ckpt["iter_num"]))
+               stage_start=ckpt["iter_num"], born={generations[-1]["gen"]} | untrained,
+               **grown_from_tier(ckpt["data"], ckpt["iter_num"]))
     log(f"grew {grow_from}: {checkpoint_params(ckpt):,} -> {model.get_num_params():,} "
         f"parameters, generation {generations[-1]['gen']} born at iteration {ckpt['iter_num']}")
     return run
@@ -499,7 +508,8 @@ if iter_num >= stage_start + max_iters and not eval_only:  # only a resume can b
                      f"{stage_start}, max_iters={max_iters}); {go_on} to go on, or pass --eval_only=True")
 tokens_total, flops_total, best_val_bpb, tier_ramp = run["tokens"], run["flops"], run["best_val_bpb"], run["tier_ramp"]
 generations = run["generations"]
-if init_from != "resume" or run["born"]:  # a stage starts here
+starts_stage = init_from != "resume" or bool(run["born"])  # a resumed grow.py output starts one too
+if starts_stage:
     generations = start_stage(generations, run["born"])
 ramp_train = open_tier(tier_ramp["data_dir"])[1]["train"] if tier_ramp else None
 
@@ -542,7 +552,8 @@ if ddp and not fsdp:  # the RoPE buffers never change: nothing to broadcast befo
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float16 gradients underflow unscaled
 if scaler.is_enabled() and scaler_state:  # its scale goes on as it was, so a resumed float16 run is the same run
     scaler.load_state_dict(scaler_state)
-kept_log, reason = trimmed_log(iter_num) if master and init_from == "resume" else (None, None)
+# a stage that starts at the checkpoint (grow.py's output) logs its start again: keep only what came before
+kept_log, reason = trimmed_log(iter_num - starts_stage) if master and init_from == "resume" else (None, None)
 refuse_together(reason)
 if master:
     log_tmp = os.path.join(out_dir, "log.jsonl.tmp")
@@ -628,7 +639,7 @@ if init_from == "branch":
 
 schedules = {g["gen"]: g for g in generations}
 end_iter = stage_start + max_iters
-resumed_at = iter_num if init_from == "resume" else None  # its eval is in the log already
+resumed_at = None if starts_stage else iter_num  # a resume's eval there is in the log already
 last_val_bpb = None
 # the last good checkpoint: where a diverged run can start again
 last_good = {"scratch": None, "resume": ckpt_path, "grow": grow_from, "branch": branch_from}[init_from], iter_num
