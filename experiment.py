@@ -531,20 +531,22 @@ def todo(results, names):
         if "seeds" not in r:
             continue  # no protocol (tiny)
         ladders, seeds, first = r.get("ladders", LADDERS), SEEDS[:r["seeds"]], SEEDS[0]
-        branches, want = [f"cd{k}" for k in branch_iters(r)], []
+        branches, want, unscreened = [f"cd{k}" for k in branch_iters(r)], [], []
         for shape in r["scratch_shapes"]:
             # a screen: the first seed's stable run and every branch (cooldowns rank the LRs), but no branches for an
             # LR whose stable run ends more than RULED_OUT above another's (they would not change the pick)
             screens = [f"{regime}/{scratch_variant(shape)}_lr{lr:g}/s{first}/" for lr in r["lrs"]]
             ends = {p: end[0] for p in screens if (end := final_eval(p + "stable", "val_bpb"))}
             ruled_out = {p for p, bpb in ends.items() if bpb > min(ends.values()) + RULED_OUT}
-            want += [p for p in screens
-                     if p not in ruled_out and any(p + part not in names for part in ["stable", *branches])]
+            missing = [p for p in screens
+                       if p not in ruled_out and any(p + part not in names for part in ["stable", *branches])]
+            want += missing
+            unscreened += [scratch_variant(shape)] if missing else []
         want += [f"{regime}/{v}/s{first}/" for v, stages in ladders.items()
                  if f"{regime}/{v}/s{first}/s{len(stages)}" not in names]
         done = results["regimes"].get(regime, {})  # each scratch shape's best LR gets the seeds, once all are screened
         for best in [done["scratch_best"], *done.get("other_shapes", {})] if done else []:
-            if any(p.startswith(f"{regime}/{best.rsplit('_lr', 1)[0]}_lr") for p in want):
+            if any(best.startswith(f"{v}_lr") for v in unscreened):
                 continue
             want += [f"{regime}/{best}/s{s}/" for s in seeds
                      if any(f"{regime}/{best}/s{s}/{b}" not in names for b in branches)]

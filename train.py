@@ -143,10 +143,10 @@ try:
     device_type = runnable_device_type(device)  # cuda:N under torchrun below is still cuda
 except ValueError as e:
     raise SystemExit(str(e)) from None
-if dtype == "float16" and (not device.startswith("cuda") or parallelism == "fsdp"):
+if dtype == "float16" and (device_type != "cuda" or parallelism == "fsdp"):
     raise SystemExit("dtype='float16' (with a GradScaler, for GPUs without bfloat16 such as the T4) needs "
                      "device=cuda and parallelism='ddp'; elsewhere use bfloat16 or float32")
-if dtype != "float32" and not device.startswith("cuda"):  # the CPU runs without autocast: say so, and record it
+if dtype != "float32" and device_type != "cuda":  # the CPU runs without autocast: say so, and record it
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"dtype={dtype} is for CUDA's autocast; on {device} this run trains in float32")
     dtype = config["dtype"] = "float32"
@@ -159,9 +159,9 @@ load_fused_kernels(fused, torch.device(device))  # here, before anything is read
 
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    if device.startswith("cuda"):
+    if device_type == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
 else:
