@@ -50,7 +50,7 @@ REGIMES = {
     "c": dict(  # compute-bound: the final shape sees its training text about once
         final="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=800, branches=4,
         lrs=(1e-3, 2e-3, 4e-3), scratch_shapes=("final", "small"),  # a frontier of the 24.6M shape too
-        pass_iters={"small": 1060},  # one pass over the small tier's training text (69.5M tokens)
+        text_iters={"small": 1060},  # the regime's text budget, one pass, over the small tier's text (69.5M tokens)
         s1_iters=400, common=["--eval_interval=100"],  # ladders: LADDERS and MORE_STAGES
         seeds=3, within=0.1, seeded=("ref",)),  # the protocol: seeds for scratch, ref and the ladders near the best
     "tiny": dict(  # the CPU ladder, for the tests and a first look
@@ -61,6 +61,9 @@ REGIMES = {
         final="config/exp_stage3.py", mid="config/exp_stage2.py", small="config/exp_stage1.py", scratch_iters=1984,
         branches=4, lrs=(5e-4, 1e-3, 2e-3), s1_iters=1500, common=["--eval_interval=100"],
         scratch_shapes=("final", "mid"),  # the 51.1M shape's frontier too: even3 ends where it may do as well
+        # the regime's text budget, as many passes as the 134.1M scratch reads (2,381 iterations, 2.88 over the
+        # v32000 text), over the v8192 text: 2,381 x 64.73M / 55.25M tokens (the tiers' counts, prepare.py)
+        text_iters={"mid": 2789},
         seeds=2, within=0.0, seeded=(),  # 2 seeds for scratch and the best ladder
         max_jobs={"final": 2},  # a 134.1M run holds 36-53 GiB on the H200 (140): four at once ran out of memory
         ladders={"ref": [("small", [], 1), ("mid", GROW, 1300 / 1500), ("final", GROW, None)],
@@ -464,15 +467,15 @@ def study_results(names):
         if not shapes["final"]:
             continue
         best, frontier, lr_frontiers = shapes.pop("final")
-        # each other shape's best LR's frontier, and the FLOPs up to which it may be extended: one pass over its
-        # tier's training text (its last branch reads its budget plus the cooldown), or its last branch
+        # each other shape's best LR's frontier, and the FLOPs up to which it may be extended: the regime's text
+        # budget over its tier's text (its last branch reads its budget plus the cooldown), or its last branch
         others = {}
         for shape, found in shapes.items():
             if found:
                 other_best, fr, _ = found
                 budget = max(sweeps[other_best])
                 its_iters = budget + round(COOLDOWN * budget)
-                others[other_best] = fr, fr[-1, 0] * spec.get("pass_iters", {}).get(shape, its_iters) / its_iters
+                others[other_best] = fr, fr[-1, 0] * spec.get("text_iters", {}).get(shape, its_iters) / its_iters
         results["regimes"][regime] = dict(
             scratch_best=best, frontier=frontier.tolist(),
             frontier_seeds={str(k): [dict(seed=s, flops=f, bpb=b) for s, f, b in pts]
@@ -494,7 +497,7 @@ def study_results(names):
             by_seed = [flops / frontier_flops(f, bpb)[0] for f in seed_frontiers(sweeps[best]).values()]
             gap_ref, where_gap = frontier_bpb(frontier, flops)
             # against the cheapest scratch shape at this bpb: another shape counts where its frontier reaches it
-            # within one pass over its text (extended past its last branch, and said, as the final shape's may be)
+            # within the regime's text budget (extended past its last branch, and said, as the final shape's may be)
             reach = [(equal, where)]
             for fr, most in others.values():
                 f, w = frontier_flops(fr, bpb)
@@ -591,17 +594,18 @@ def print_table(results):
                       key=lambda kv: kv[1]["flops_ratio"]["mean"])
         for name, c in rows:
             ratio, gap, bpb, each = c["flops_ratio"], c["bpb_gap"], c["val_bpb"], c["flops_ratio_per_scratch_seed"]
+            anywhere = c["flops_ratio_any_shape"]
             print(f"| {name.split('/', 1)[1]} | {len(c['seeds'])} | {bpb['mean']:.4f} | {ratio['mean']:.3f} "
                   f"({ratio['min']:.3f}-{ratio['max']:.3f}){' *' if c['extrapolated'] else ''} "
                   f"| {each['min']:.3f}-{each['max']:.3f} | {gap['mean']:+.4f} ({gap['min']:+.4f} to {gap['max']:+.4f}) "
                   f"| {c['cost_per_token']['mean']:.3f} x {c['token_ratio']['mean']:.3f} |"
-                  + (f" {c['flops_ratio_any_shape']['mean']:.3f}{' *' if c['any_shape_extrapolated'] else ''} |"
-                     * shapes))
+                  + (f" {anywhere['mean']:.3f} ({anywhere['min']:.3f}-{anywhere['max']:.3f})"
+                     f"{' *' if c['any_shape_extrapolated'] else ''} |" * shapes))
         print("(ratio: mean (range) over the ladder's seeds against the seed-mean frontier; * somewhere beyond "
               "the frontier's last branch, extended. Cost per token: the ladder's FLOPs per token over the final "
               "shape's; token ratio: its tokens over scratch's at the same bpb" + ("; against any scratch shape: "
-              "FLOPs over the least at which a scratch shape's frontier reaches its bpb, another shape's within one "
-              "pass over its text)"
+              "FLOPs over the least at which a scratch shape's frontier reaches its bpb, another shape's within the "
+              "regime's text budget)"
               if shapes else ")"))
 
 

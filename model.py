@@ -466,7 +466,10 @@ class FeedForward(nn.Module):
         if "swiglu" in self.fused:  # reads gate and up where the GEMM wrote them; its backward wants 2-D rows
             hidden = LIGER["swiglu"].apply(gate_up.flatten(0, -2)).view(*gate_up.shape[:-1], -1)
         else:
-            gate, up = gate_up.chunk(2, dim=-1)
+            # the halves as a dimension, not chunk(): compiled, the backward then writes both halves' gradients
+            # near bandwidth, 0.80 against 0.95 ms forward and backward at stage 3's shape on the H200
+            # (assets/bench/h200_2026-12-03_swiglu_layouts.txt)
+            gate, up = gate_up.unflatten(-1, (2, -1)).unbind(-2)
             hidden = F.silu(gate) * up
         return self.dropout(linear(hidden, self.w2))
 

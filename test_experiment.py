@@ -189,8 +189,8 @@ def test_a_cheaper_scratch_shape_sets_the_ratio_against_any_shape_where_its_bran
     last_eval("tiny/ref/s1337/s2", 3e10, 3.1)
     (run,) = experiment.study_results(experiment.logged_runs())["runs"]
     assert run["flops_ratio_any_shape"] == pytest.approx(run["flops_ratio"]) and run["any_shape_is"] == "inside"
-    # with one pass over its text at twice its last branch's 48 iterations, its last segment extends to 3.1 (2.52e10)
-    monkeypatch.setitem(experiment.REGIMES["tiny"], "pass_iters", {"small": 96})
+    # with a text budget of twice its last branch's 48 iterations, its last segment extends to 3.1 (2.52e10)
+    monkeypatch.setitem(experiment.REGIMES["tiny"], "text_iters", {"small": 96})
     (run,) = experiment.study_results(experiment.logged_runs())["runs"]
     assert run["flops_ratio_any_shape"] == pytest.approx(3e10 / (5e9 * 4 ** (0.7 / 0.6)))
     assert run["any_shape_is"] == "extrapolated"
