@@ -62,7 +62,7 @@ REGIMES = {
         branches=4, lrs=(5e-4, 1e-3, 2e-3), s1_iters=1500, common=["--eval_interval=100"],
         scratch_shapes=("final", "mid"),  # the 51.1M shape's frontier too: even3 ends where it may do as well
         # the regime's text budget, as many passes as the 134.1M scratch reads (2,381 iterations, 2.88 over the
-        # v32000 text), over the v8192 text: 2,381 x 64.73M / 55.25M tokens (the tiers' counts, prepare.py)
+        # v32000 training text), over the v8192 text: 2,381 x 64.73M / 55.25M (the tiers' tokens, prepare.py)
         text_iters={"mid": 2789},
         seeds=2, within=0.0, seeded=(),  # 2 seeds for scratch and the best ladder
         max_jobs={"final": 2},  # a 134.1M run holds 36-53 GiB on the H200 (140): four at once ran out of memory

@@ -36,6 +36,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -525,11 +526,12 @@ def bad_inputs(data, tmp):
 
 
 def test_bad_inputs_are_one_line_errors_that_write_nothing(data, tmp_path):
-    for i, (name, args, message) in enumerate(bad_inputs(data, tmp_path)):
-        out_dir = tmp_path / f"out{i}"
-        r = run(*args, f"--out_dir={out_dir}")
+    cases = bad_inputs(data, tmp_path)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:  # each case is a process that mostly waits on its imports
+        results = pool.map(lambda i: run(*cases[i][1], f"--out_dir={tmp_path / f'out{i}'}"), range(len(cases)))
+    for i, ((name, _, message), r) in enumerate(zip(cases, results)):
         assert_one_line_error(r, message)
-        assert not out_dir.exists(), name
+        assert not (tmp_path / f"out{i}").exists(), name
 
 
 def test_growths_that_cannot_be_trained_are_refused(ladder, data, tmp_path):
@@ -657,10 +659,28 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch)
         torch.testing.assert_close(grads_ckpt[name], g, rtol=0, atol=1e-7, msg=name)
 
 
+def eval_only_bpb(*args):
+    """The val bpb an eval-only run prints (it writes nothing)."""
+    r = run(*args, "--eval_only=True")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return float(re.search(r"val bpb (\S+)", r.stdout).group(1))
+
+
 def test_eval_windows_do_not_depend_on_batch_size(data, tmp_path):
-    args = ["config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, "--eval_only=True"]
-    bpbs = [train(tmp_path / f"b{b}", *args, f"--batch_size={b}")[0]["val_bpb"] for b in (8, 5)]  # 5: a short batch
+    args = ["config/tiny_stage1.py", f"--data_dir={data / 'llama2_v512'}", *TINY, f"--out_dir={tmp_path / 'eval'}"]
+    bpbs = [eval_only_bpb(*args, f"--batch_size={b}") for b in (8, 5)]  # 5: a short batch
     assert bpbs[0] == pytest.approx(bpbs[1], rel=1e-6)
+    assert not (tmp_path / "eval").exists()  # an eval-only run writes nothing
+
+
+def test_eval_only_on_a_run_leaves_its_folder_as_it_was(ladder, data, tmp_path):
+    out_dir = tmp_path / "s1"
+    shutil.copytree(ladder[1], out_dir)
+    before = snapshot(out_dir)
+    last = [e for e in read_log(out_dir) if e["event"] == "eval"][-1]
+    bpb = eval_only_bpb(*stage_args(data, 1), f"--out_dir={out_dir}", "--init_from=resume")
+    assert bpb == pytest.approx(last["val_bpb"], abs=1e-4)  # the checkpoint's own last eval, printed to 4 places
+    assert snapshot(out_dir) == before
 
 
 def test_write_checkpoints_false_logs_but_writes_no_checkpoint(data, tmp_path):

@@ -42,7 +42,7 @@ init_from = "scratch"  # 'scratch' | 'resume' (this out_dir's checkpoint) | 'gro
 grow_from = ""  # checkpoint of the previous stage
 branch_from = ""  # checkpoint to branch from
 parent_data_dir = ""  # grow: the parent's tier, where it is not (any longer) where its checkpoint says
-eval_only = False  # evaluate the checkpoint (init_from='resume') and exit
+eval_only = False  # evaluate the checkpoint (init_from='resume') once, print it and exit: nothing is written
 write_checkpoints = True  # False: evaluate but never write ckpt.pt (benchmark runs; 7B with AdamW state is ~81 GB)
 snapshot_interval = 0  # also keep ckpt_<iter>.pt every this many iterations, to branch from later (0: off)
 # data
@@ -555,19 +555,21 @@ if scaler.is_enabled() and scaler_state:  # its scale goes on as it was, so a re
 # a stage that starts at the checkpoint (grow.py's output) logs its start again: keep only what came before
 kept_log, reason = trimmed_log(iter_num - starts_stage) if master and init_from == "resume" else (None, None)
 refuse_together(reason)
-if master:
-    log_tmp = os.path.join(out_dir, "log.jsonl.tmp")
+if master and not eval_only:  # an eval-only run leaves the run's folder as it was: its log, config and checkpoint
+    log_tmp, config_tmp = os.path.join(out_dir, "log.jsonl.tmp"), os.path.join(out_dir, "config.json.tmp")
     try:
         if kept_log is not None:  # only now, past every refusal: a refused resume leaves its log as it was
             with open(log_tmp, "w") as f:
                 f.writelines(kept_log)
             os.replace(log_tmp, os.path.join(out_dir, "log.jsonl"))
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
+        with open(config_tmp, "w") as f:
             json.dump(config, f, indent=1)
-    except OSError as e:  # a full disk: the log stays as it was, with no partial copy beside it
-        if os.path.exists(log_tmp):
-            os.remove(log_tmp)
+        os.replace(config_tmp, os.path.join(out_dir, "config.json"))
+    except OSError as e:  # a full disk: the log and config stay as they were, with no partial copy beside them
+        for tmp in (log_tmp, config_tmp):
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise SystemExit(f"cannot write to out_dir {out_dir}: {e.strerror}; pass another --out_dir") from None
 log("config: " + (" ".join(f"{k}={v}" for k, v in config.items() if v != defaults[k]) or "the defaults"))
 
@@ -610,7 +612,7 @@ def save(iter_num):
 
 
 def log_event(event):
-    if master:
+    if master and not eval_only:
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(event) + "\n")
 
