@@ -219,6 +219,7 @@ def tokenizer_record(spec):
 
 OPENERS = {'.xz': lzma.open, '.gz': gzip.open}
 TXT_BLOCK = 1 << 24  # bytes read at a time from a .txt file
+ONLY_SPACE_LEFT = re.compile(r'\s*\Z')
 
 def input_files(path):
     """The input's files, in a fixed order: path itself, or every file under the folder path."""
@@ -251,8 +252,8 @@ def read_txt(path, doc_sep, whole_file):
             offset += len(block)
             start = 0
             for m in re.finditer(doc_sep, buf) if not whole_file else ():
-                if m.end() == len(buf):
-                    break  # the separator may go on in the next block
+                if ONLY_SPACE_LEFT.match(buf, m.end()):
+                    break  # only whitespace after it: the separator may go on in the next block
                 yield None, buf[start:m.start()]
                 start = m.end()
             buf = buf[start:]

@@ -157,10 +157,10 @@ def test_gutenberg_style_jsonl_val_ids(tmp_path, toks):
         prepare.prepare(str(tmp_path / 'books.jsonl.xz'), LLAMA2, [4096], str(tmp_path / 'x'), val_ids=[9, 7], workers=1)
 
 def test_txt_blocks_and_separators(tmp_path, monkeypatch):
-    text = 'a\n\nb\n\n\n\nc  \n \n\nd\n' * 50 + 'ü' * 9
+    text = 'a\n\nb\n\n\n\nc  \n \n\nd\n\n \t\n \ne\n' * 50 + 'ü' * 9  # a block may end inside '\n \t\n \n'
     (tmp_path / 'x.txt').write_text(text, encoding='utf-8')
     whole = [t for _, t in read_documents(str(tmp_path / 'x.txt'))]
-    for block in (1, 2, 3, 5, 7):  # a separator or a UTF-8 character cut by the block boundary
+    for block in range(1, 12):  # a separator or a UTF-8 character cut by the block boundary
         monkeypatch.setattr(prepare, 'TXT_BLOCK', block)
         assert [t for _, t in read_documents(str(tmp_path / 'x.txt'))] == whole
     assert whole == [d for d in re.split(r'\n\s*\n', text)]
