@@ -355,9 +355,11 @@ def prepare(input, tokenizer, tiers, out_dir, val_fraction=0.05, val_ids=None, d
     refuse to replace a complete tier of other text or another split unless overwrite (runs trained on it read
     it by path)."""
     try:
-        re.compile(doc_sep)
+        groups = re.compile(doc_sep).groups
     except re.error as e:
         raise PrepareError(f'--doc_sep {doc_sep!r} is not a valid regex ({e}); escape its special characters') from None
+    if groups:  # re.split would return what they capture as documents
+        raise PrepareError(f'--doc_sep {doc_sep!r} has a capturing group; make it (?:...)')
     toks = {n: load_tokenizer(tokenizer, n, gpt2_ranks) for n in sorted(set(tiers))}
     split = dict(val_ids=sorted(val_ids) if val_ids else None, val_fraction=None if val_ids else val_fraction,
                  doc_sep=None if whole_file else doc_sep)

@@ -271,6 +271,10 @@ def test_bad_doc_sep_is_one_line(tmp_path):
     with pytest.raises(PrepareError, match=r"--doc_sep '\(' is not a valid regex") as e:
         prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [512], str(tmp_path / 'out'), doc_sep='(', workers=1)
     assert '\n' not in str(e.value)
+    # a capturing group's text would come back from re.split as documents
+    with pytest.raises(PrepareError, match=r"has a capturing group; make it \(\?:\.\.\.\)"):
+        prepare.prepare(str(tmp_path / 'in.txt'), LLAMA2, [512], str(tmp_path / 'out'), doc_sep=r'(x)?\n\n', workers=1)
+    assert not (tmp_path / 'out').exists()
 
 # -----------------------------------------------------------------------------
 # interrupted writes and re-runs

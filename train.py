@@ -190,7 +190,7 @@ def unwritable(folder):
     return None
 
 
-refuse_together(unwritable(out_dir) if master else None)  # here, not after minutes of loading
+refuse_together(unwritable(out_dir) if master and not eval_only else None)  # here, not after minutes of loading
 if grad_accum_steps % world:
     raise SystemExit(f"grad_accum_steps={grad_accum_steps} must be a multiple of the {world} ranks")
 if eval_windows % world:  # every rank evaluates its share: the same windows on any number of GPUs
@@ -553,7 +553,8 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float1
 if scaler.is_enabled() and scaler_state:  # its scale goes on as it was, so a resumed float16 run is the same run
     scaler.load_state_dict(scaler_state)
 # a stage that starts at the checkpoint (grow.py's output) logs its start again: keep only what came before
-kept_log, reason = trimmed_log(iter_num - starts_stage) if master and init_from == "resume" else (None, None)
+kept_log, reason = trimmed_log(iter_num - starts_stage) if master and init_from == "resume" and not eval_only \
+    else (None, None)
 refuse_together(reason)
 if master and not eval_only:  # an eval-only run leaves the run's folder as it was: its log, config and checkpoint
     log_tmp, config_tmp = os.path.join(out_dir, "log.jsonl.tmp"), os.path.join(out_dir, "config.json.tmp")
