@@ -527,7 +527,8 @@ def bad_inputs(data, tmp):
 
 def test_bad_inputs_are_one_line_errors_that_write_nothing(data, tmp_path):
     cases = bad_inputs(data, tmp_path)
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # each case is a process that mostly waits on its imports
+    # each case is a process that mostly waits on its imports: as many at once as this process has cores
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
         results = pool.map(lambda i: run(*cases[i][1], f"--out_dir={tmp_path / f'out{i}'}"), range(len(cases)))
     for i, ((name, _, message), r) in enumerate(zip(cases, results)):
         assert_one_line_error(r, message)

@@ -167,6 +167,7 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
+writes_run = master and not eval_only  # the process that writes out_dir; an eval-only run writes nothing
 
 
 def refuse_together(reason):
@@ -190,7 +191,7 @@ def unwritable(folder):
     return None
 
 
-refuse_together(unwritable(out_dir) if master and not eval_only else None)  # here, not after minutes of loading
+refuse_together(unwritable(out_dir) if writes_run else None)  # here, not after minutes of loading
 if grad_accum_steps % world:
     raise SystemExit(f"grad_accum_steps={grad_accum_steps} must be a multiple of the {world} ranks")
 if eval_windows % world:  # every rank evaluates its share: the same windows on any number of GPUs
@@ -553,10 +554,9 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # float1
 if scaler.is_enabled() and scaler_state:  # its scale goes on as it was, so a resumed float16 run is the same run
     scaler.load_state_dict(scaler_state)
 # a stage that starts at the checkpoint (grow.py's output) logs its start again: keep only what came before
-kept_log, reason = trimmed_log(iter_num - starts_stage) if master and init_from == "resume" and not eval_only \
-    else (None, None)
+kept_log, reason = trimmed_log(iter_num - starts_stage) if writes_run and init_from == "resume" else (None, None)
 refuse_together(reason)
-if master and not eval_only:  # an eval-only run leaves the run's folder as it was: its log, config and checkpoint
+if writes_run:
     log_tmp, config_tmp = os.path.join(out_dir, "log.jsonl.tmp"), os.path.join(out_dir, "config.json.tmp")
     try:
         if kept_log is not None:  # only now, past every refusal: a refused resume leaves its log as it was
@@ -613,7 +613,7 @@ def save(iter_num):
 
 
 def log_event(event):
-    if master and not eval_only:
+    if writes_run:
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(event) + "\n")
 
