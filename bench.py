@@ -4,16 +4,18 @@ CUDA events. In one run it compares, for the shape of a config:
     fresh      a freshly built model
     grown      the same shape reached by growing through three generations, blocks not condensed
     condensed  the grown model with its blocks merged into one per weight
-each eager and compiled (per block and head), each with today's kernels or liger-kernel's fused
-ones (fused_kernels), and each with the attention backend torch picks or flash or cuDNN first
-(attention). A run with other kernels than today's first checks its loss and gradients against
-today's code, and is not timed if they differ. A step is micro_steps forward/backward
+each eager and compiled (per block and head), each with or without our Triton kernels for RoPE and
+SwiGLU's backward (triton_kernels: kernels.py), with today's kernels or liger-kernel's fused ones
+(fused_kernels), and with the attention backend torch picks or flash or cuDNN first (attention).
+A run with Triton kernels (ours or liger's) or another attention backend first checks its loss and
+gradients against torch's own code (eager, no Triton kernels), and is not timed if they differ. A step is micro_steps forward/backward
 passes of batch_size x block_size tokens and one optimizer step, as a training iteration on one
 GPU. MFU counts 6 FLOPs per weight per token plus attention with the causal discount (only the
 lower triangle of the scores is computed).
 
     python bench.py config/stage1.py
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --profile=True  # where the time goes
+    python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --triton_kernels=on,off  # ours
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --fused_kernels=none,all  # liger's
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --attention=default,flash,cudnn \
         --profile=True  # the attention backends
@@ -56,6 +58,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import condense, grow_model
 from model import GPT, GPTConfig, StaticDecoder, fused_kernel_names, load_fused_kernels
+from model import kernels as our_kernels
 
 # -----------------------------------------------------------------------------
 vocab_size, n_layer, n_head, head_dim, ffn_hidden, block_size = 4096, 10, 5, 128, 1792, 2048
@@ -68,6 +71,7 @@ peak_flops = 989e12
 peak_flops_name = "H100/H200 SXM bf16 dense"
 out_json = ""  # also write the results here
 profile = False  # after timing, profile 3 steps: GPU time by kind of kernel, and the slowest elementwise kernels
+triton_kernels = "on"  # comma-separated runs: 'on' (today's code: kernels.py's RoPE and SwiGLU backward), 'off'
 fused_kernels = "none"  # comma-separated runs, each 'none', 'all' or ops of model.FUSABLE joined by '+'
 attention = "default"  # comma-separated runs, each 'default' (torch's own order: today's code), 'flash' or 'cudnn'
 fused_batch_size = 0  # the fused runs' micro-batch (0: batch_size): the fused cross-entropy holds no logits
@@ -98,6 +102,8 @@ ATTENTION = {"default": None, "flash": [SDPBackend.FLASH_ATTENTION, *FALLBACKS],
              "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, *FALLBACKS]}
 if not set(attention.split(",")) <= set(ATTENTION):
     raise SystemExit(f"bench.py: --attention={attention}: pick from {','.join(ATTENTION)}")
+if not set(triton_kernels.split(",")) <= {"on", "off"}:
+    raise SystemExit(f"bench.py: --triton_kernels={triton_kernels}: pick 'on', 'off' or 'on,off'")
 
 
 def seconds(fn, sync):
@@ -206,7 +212,7 @@ def train_step(runner, optimizer, x):
     optimizer.zero_grad(set_to_none=True)
 
 
-# fused kernels compared with today's on the same weights and batch, both under bf16 autocast: the loss to
+# Triton kernels (ours, liger's) compared with torch's own code on the same weights and batch, both under bf16 autocast: the loss to
 # LOSS_RTOL, and each gradient to GRAD_RTOL of its norm. bf16 keeps 8 significant bits (0.4%); measured on the CPU,
 # today's eager and compiled code differ by up to 1% of a gradient's norm, and RoPE in float32 (liger's) against
 # today's bf16 RoPE by up to 1.6% (wq, wk; 8 layers, d=512). A wrong layout, scale or gain is off by tens of percent.
@@ -227,17 +233,17 @@ def loss_and_grads(model, x, rows, backend):
 
 
 def check_kernels(model, reference, kernels, backend, x):
-    """Refuse to time kernels (SystemExit) whose loss or gradients on x are not today's code's (reference, eager,
+    """Refuse to time kernels (SystemExit) whose loss or gradients on x are not torch's own code's (reference, eager,
     the same weights, torch's own attention backend; 8 rows at a time, so that a batch only the fused head fits
     still runs)."""
     loss, grads = loss_and_grads(model, x, len(x), backend)
     ref_loss, ref_grads = loss_and_grads(reference, x, 8, "default")
     rel = {n: ((grads[n] - g).norm() / g.norm()).item() for n, g in ref_grads.items()}
     worst = max(rel, key=lambda n: rel[n] if math.isfinite(rel[n]) else math.inf)
-    said = (f"loss {loss:.6f} against today's {ref_loss:.6f}, gradients off by up to {rel[worst]:.2%} of their norm "
+    said = (f"loss {loss:.6f} against torch's code's {ref_loss:.6f}, gradients off by up to {rel[worst]:.2%} of their norm "
             f"(worst: {worst})")
     if not (abs(loss - ref_loss) <= LOSS_RTOL * abs(ref_loss) and rel[worst] <= GRAD_RTOL):
-        raise SystemExit(f"{kernels} is not today's model: {said}; tolerances {LOSS_RTOL:g} on the loss, "
+        raise SystemExit(f"{kernels} is not the model torch's own code runs: {said}; tolerances {LOSS_RTOL:g} on the loss, "
                          f"{GRAD_RTOL:.0%} on a gradient: not timed")
     if rank == 0:
         print(f"{kernels} checked: {said}", flush=True)
@@ -245,14 +251,16 @@ def check_kernels(model, reference, kernels, backend, x):
 
 def unfused_copy(model):
     """Draw model's weights afresh (gains around 1, no zero strips: every path carries a gradient, and a kernel
-    that ignored a gain would show) and return a copy that runs today's code."""
+    that ignored a gain would show) and return a copy that runs torch's own code (no Triton kernels)."""
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(mean=1.0 if p.dim() == 1 else 0.0, std=0.2 if p.dim() == 1 else 0.02)
-    return copy.deepcopy(model)
+    reference = copy.deepcopy(model)
+    reference.use_triton_kernels(False)
+    return reference
 
 
-KERNEL_KINDS = [("liger", r"^_rms_norm|^_triton_rope|^_swiglu|liger_cross_entropy|element_mul"),
+KERNEL_KINDS = [("ours (kernels.py)", r"^gpt_"), ("liger", r"^_rms_norm|^_triton_rope|^_swiglu|liger_cross_entropy|element_mul"),
                 ("attention (cuDNN)", r"cudnn"), ("attention", r"sdpa|flash|fmha|attn"),
                 ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|matmul"),
                 ("adamw", r"adam"), ("elementwise (inductor)", r"^triton_")]
@@ -277,20 +285,22 @@ def profile_kernels(step, steps=3, top=8):
     return kinds, sorted(rest, key=lambda kernel: -kernel[2])[:top]
 
 
-def bench(variant, compiled, spec, backend):
+def bench(variant, compiled, spec, backend, triton):
     torch.manual_seed(0)
     torch._dynamo.reset()  # no graphs or dynamic-shape decisions carried over from the previous variant
     model = build(variant).to(device)
     fused = runs[spec]
-    checked = fused or backend != "default"
+    ours = triton == "on" and our_kernels is not None
+    checked = fused or backend != "default" or ours
     reference = unfused_copy(model) if checked else None
     model.use_fused_kernels(fused)
+    model.use_triton_kernels(ours)
     if compiled:
         model.compile_parts()
     batch = fused_batch_size if fused and fused_batch_size else batch_size
     x = torch.randint(0, vocab_size, (batch, block_size), device=device)
     if checked:
-        check_kernels(model, reference, f"fused_kernels={spec} attention={backend}", backend, x)
+        check_kernels(model, reference, f"triton_kernels={triton} fused_kernels={spec} attention={backend}", backend, x)
         del reference
     torch._dynamo.utils.counters.clear()  # the timed run's graphs, not the check's
     if fsdp:
@@ -312,14 +322,14 @@ def bench(variant, compiled, spec, backend):
             kernel_ms, slowest = profile_kernels(lambda: train_step(runner, optimizer, x))
             if rank == 0:
                 kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in kernel_ms.items())
-                print(f"{variant} {'compiled' if compiled else 'eager'} fused={spec} attention={backend}: of "
+                print(f"{variant} {'compiled' if compiled else 'eager'} triton={triton} fused={spec} attention={backend}: of "
                       f"{1e3 * dt:.1f} ms/step, GPU kernels {kinds}", flush=True)
                 print("  the slowest kernels that are not GEMMs, attention or AdamW:")
                 for name, launches, ms in slowest:
                     print(f"    {ms:6.2f} ms in {launches:3d} launches  {name[:100]}", flush=True)
     tok_per_s = micro_steps * batch * block_size / dt  # per GPU
     counters = torch._dynamo.utils.counters
-    return dict(variant=variant, compiled=compiled, fused_kernels=spec, attention=backend,
+    return dict(variant=variant, compiled=compiled, triton_kernels=triton, fused_kernels=spec, attention=backend,
                 attention_picked=picked, batch_size=batch, gpus=world,
                 blocks=sum(1 for _ in model.parameters()), step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
                 mfu=model.flops_per_token(block_size) * tok_per_s / peak_flops,
@@ -330,11 +340,11 @@ def bench(variant, compiled, spec, backend):
 results = []
 for variant in variants.split(","):
     for mode in compile_modes.split(","):
-        for spec, backend in itertools.product(runs, attention.split(",")):
-            r = bench(variant, mode == "compiled", spec, backend)
+        for spec, backend, triton in itertools.product(runs, attention.split(","), triton_kernels.split(",")):
+            r = bench(variant, mode == "compiled", spec, backend, triton)
             results.append(r)
             if rank == 0:  # graph breaks: the fused cross-entropy's one is on purpose (torch.compiler.disable)
-                print(f"{variant:9s} {mode:8s} fused={spec:5s} attention {backend}: {r['attention_picked']:<15s} "
+                print(f"{variant:9s} {mode:8s} triton={triton:3s} fused={spec:5s} attention {backend}: {r['attention_picked']:<15s} "
                       f"batch {r['batch_size']:3d} {r['blocks']:4d} blocks  "
                       f"{r['step_ms']:8.1f} ms/step  {r['tok_per_s_per_gpu']:10,.0f} tok/s/GPU  "
                       f"MFU {100 * r['mfu']:5.1f}%  graphs {r['compiled_frames']} breaks {r['graph_breaks']}  "

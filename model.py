@@ -2,8 +2,9 @@
 A Llama-2-style GPT whose weights can grow.
 
 Architecture (Llama 2): RMSNorm pre-norm, SwiGLU FFN, RoPE, causal attention through
-F.scaled_dot_product_attention, no biases, untied embedding and lm_head. On CUDA, use_fused_kernels
-can run the norms, RoPE, SwiGLU and the head's loss through liger-kernel's Triton kernels (optional).
+F.scaled_dot_product_attention, no biases, untied embedding and lm_head. On CUDA, while training, RoPE and
+SwiGLU's backward run in our Triton kernels (kernels.py; use_triton_kernels), and use_fused_kernels can run
+the norms, RoPE, SwiGLU and the head's loss through liger-kernel's instead (optional).
 
 Growth (see grow.py and GROWTH.md sections 1-2): every weight is a `Growable`, which keeps
 one nn.Parameter per *generation block*: the rectangle it was born with, then for every
@@ -34,6 +35,11 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
+
+try:  # our Triton kernels (kernels.py): torch's CUDA builds ship Triton, its CPU builds do not
+    import kernels
+except ImportError:
+    kernels = None
 
 # -----------------------------------------------------------------------------
 # growable weights
@@ -416,6 +422,7 @@ def apply_rope(x, cos, sin):
 
 class Attention(nn.Module):
     fused = frozenset()  # set by GPT.use_fused_kernels
+    triton_kernels = kernels is not None  # kernels.py on CUDA while training; GPT.use_triton_kernels
 
     def __init__(self, config, gen=0):
         super().__init__()
@@ -427,12 +434,16 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None, start_pos=0):
         B, T, _ = x.shape
         # one GEMM for q, k and v: copying the weights together costs less than the two GEMMs it saves
-        qkv = linear(x, self.wq, self.wk, self.wv)
-        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
-        if "rope" in self.fused:  # one kernel rotates both; cos and sin cover half a head, rotary_dim says so
-            q, k = LIGER["rope"].apply(q, k, cos, sin, None, 1, self.head_dim)
+        qkv = linear(x, self.wq, self.wk, self.wv).view(B, T, 3, self.n_head, self.head_dim)
+        if self.triton_kernels and "rope" not in self.fused and qkv.is_cuda and cache is None and torch.is_grad_enabled():
+            # one pass over q and k each way, where inductor's backward took two (README, Speed)
+            q, k, v = (t.transpose(1, 2) for t in kernels.RotaryQKV.apply(qkv, cos, sin))
         else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
+            if "rope" in self.fused:  # liger: one kernel rotates both; cos and sin cover half a head, rotary_dim says so
+                q, k = LIGER["rope"].apply(q, k, cos, sin, None, 1, self.head_dim)
+            else:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None
         if cache is not None and isinstance(start_pos, torch.Tensor):  # positions as a tensor: the whole cache, masked
             cache_k, cache_v = cache  # (B, n_head, max_len, head_dim)
@@ -453,6 +464,7 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     fused = frozenset()  # set by GPT.use_fused_kernels
+    triton_kernels = kernels is not None  # kernels.py on CUDA; GPT.use_triton_kernels
 
     def __init__(self, config, gen=0):
         super().__init__()
@@ -465,10 +477,9 @@ class FeedForward(nn.Module):
         gate_up = linear(x, self.w1, self.w3)  # one GEMM, as qkv
         if "swiglu" in self.fused:  # reads gate and up where the GEMM wrote them; its backward wants 2-D rows
             hidden = LIGER["swiglu"].apply(gate_up.flatten(0, -2)).view(*gate_up.shape[:-1], -1)
+        elif self.triton_kernels and gate_up.is_cuda and torch.is_grad_enabled():  # inductor's backward ran at half a copy's rate
+            hidden = kernels.SwiGLU.apply(gate_up)
         else:
-            # the halves as a dimension, not chunk(): compiled, the backward then writes both halves' gradients
-            # near bandwidth, 0.80 against 0.95 ms forward and backward at stage 3's shape on the H200
-            # (assets/bench/h200_2026-12-03_swiglu_layouts.txt)
             gate, up = gate_up.unflatten(-1, (2, -1)).unbind(-2)
             hidden = F.silu(gate) * up
         return self.dropout(linear(hidden, self.w2))
@@ -556,6 +567,13 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, (GPT, Block, Attention, FeedForward)):
                 m.fused = frozenset(names)
+
+    def use_triton_kernels(self, on):
+        """Run RoPE and SwiGLU's backward in kernels.py's Triton kernels on CUDA while training (where Triton is
+        installed: the default), or torch's code only (the reference bench.py checks them against)."""
+        for m in self.modules():
+            if isinstance(m, (Attention, FeedForward)):
+                m.triton_kernels = on and kernels is not None
 
     def compile_parts(self, backend="inductor"):
         """torch.compile every block and the head, not the whole model: growth changes the depth, and

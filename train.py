@@ -96,6 +96,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False
 activation_checkpointing = False  # recompute each block's activations in backward: ~1/3 more compute, far less memory
+triton_kernels = True  # RoPE and SwiGLU's backward in kernels.py's Triton kernels (CUDA, Triton installed); False: torch's
 fused_kernels = ""  # 'all', or ops of model.FUSABLE joined by '+', run by liger-kernel's Triton kernels (CUDA; optional)
 parallelism = "ddp"  # 'ddp' (replicate) | 'fsdp' (FSDP2: shard every block and the root; past one GPU's memory)
 peak_flops = 989e12  # per GPU, for MFU
@@ -525,6 +526,7 @@ branched_from_bpb = run.get("parent_val_bpb")  # a branch's parent's last eval: 
 del run
 model.to(device)
 model.use_fused_kernels(fused)
+model.use_triton_kernels(triton_kernels)
 model_config = model.config
 raw_model = model  # saved and grown; the compiled / DDP wrappers only run it
 if compile:

@@ -1,0 +1,90 @@
+"""kernels.py's Triton kernels against float64 references of the model's own torch code: on the CPU through
+Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: Triton reads it when a kernel is defined, and model.py
+has imported kernels.py by then), on CUDA in bf16, eager and compiled, and in a model's training step."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, apply_rope, rope_cache
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="Triton is not installed (requirements.txt installs it on Linux x86-64)")
+
+
+def relative_error(got, want):
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def check_kernels(device, dtype, compiled, tolerance):
+    """SwiGLU and RotaryQKV at shapes whose widths are not powers of two (masked lanes), values and gradients,
+    against the model's torch code in float64; AssertionError names the first that is off."""
+    import kernels
+    torch.manual_seed(0)
+    swiglu, rotary = kernels.SwiGLU.apply, kernels.RotaryQKV.apply
+    if compiled:
+        swiglu, rotary = torch.compile(swiglu), torch.compile(rotary)
+    for rows, width in [(7, 100), (3, 1100)]:  # one masked block of columns; two, the second masked
+        gate_up = torch.randn(rows, 2 * width, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(rows, width, device=device, dtype=dtype)
+        want_x = gate_up.detach().double().requires_grad_()
+        gate, up = want_x.chunk(2, dim=-1)
+        want = F.silu(gate) * up
+        want.backward(grad.double())
+        got = swiglu(gate_up)
+        got.backward(grad)
+        for what, error in [("value", relative_error(got, want)), ("gradient", relative_error(gate_up.grad, want_x.grad))]:
+            assert error < tolerance, f"SwiGLU {rows}x{width}: {what} off by {error:.2e}"
+    for B, T, n_head, head_dim in [(2, 5, 3, 6), (1, 9, 2, 8)]:
+        qkv = torch.randn(B, T, 3, n_head, head_dim, device=device, dtype=dtype, requires_grad=True)
+        cos, sin = (t[:T].to(device) for t in rope_cache(head_dim, 16, 10000.0))
+        want_x = qkv.detach().double().requires_grad_()
+        q, k, v = want_x.permute(2, 0, 3, 1, 4)  # as Attention, (B, n_head, T, head_dim)
+        want = apply_rope(q, cos.double(), sin.double()), apply_rope(k, cos.double(), sin.double()), v
+        grads = [torch.randn(B, n_head, T, head_dim, device=device, dtype=dtype) for _ in range(3)]
+        sum((w * g.double()).sum() for w, g in zip(want, grads)).backward()
+        got = [t.transpose(1, 2) for t in rotary(qkv, cos, sin)]  # the incoming gradients at (B, n_head, T) strides
+        sum((o.float() * g.float()).sum() for o, g in zip(got, grads)).backward()
+        for name, o, w in zip("qkv", got, want):
+            assert relative_error(o, w) < tolerance, f"RoPE {(B, T, n_head, head_dim)}: {name} off"
+        error = relative_error(qkv.grad, want_x.grad)
+        assert error < tolerance, f"RoPE {(B, T, n_head, head_dim)}: qkv's gradient off by {error:.2e}"
+
+
+def test_kernels_match_torch_under_triton_interpreter():
+    code = "import torch, test_kernels; test_kernels.check_kernels('cpu', torch.float32, False, 1e-5)"
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_kernels_match_torch_on_cuda_in_bf16(compiled):
+    check_kernels("cuda", torch.bfloat16, compiled, 1e-2)
+
+
+@cuda
+def test_a_training_step_with_triton_kernels_matches_torch_code():
+    config = GPTConfig(vocab_size=256, n_layer=2, n_head=3, head_dim=16, ffn_hidden=96, block_size=32)
+    torch.manual_seed(0)
+    model = GPT(config).cuda()
+    x = torch.randint(0, 256, (4, 32), device="cuda")
+    grads = {}
+    for on in (True, False):
+        model.use_triton_kernels(on)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, x)
+        loss.backward()
+        grads[on] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+    for name, want in grads[False].items():
+        assert relative_error(grads[True][name], want.double()) < 0.02, name
