@@ -12,6 +12,13 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+
+def launch(kernel, grid):
+    """kernel[grid], wrapped so that torch.compile traces the launch; under Triton's interpreter (TRITON_INTERPRET=1:
+    test_kernels.py on the CPU) as it is, as torch 2.11's wrap_triton refuses an interpreted kernel."""
+    return (kernel if isinstance(kernel, InterpretedFunction) else torch.library.wrap_triton(kernel))[grid]
 
 
 @triton.jit
@@ -37,7 +44,7 @@ def swiglu_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     grad_gate_up = torch.empty_like(gate_up)
     block = min(1024, triton.next_power_of_2(n_cols))
     grid = (grad.numel() // n_cols, triton.cdiv(n_cols, block))
-    torch.library.wrap_triton(gpt_swiglu_backward)[grid](gate_up, grad, grad_gate_up, n_cols, BLOCK=block)
+    launch(gpt_swiglu_backward, grid)(gate_up, grad, grad_gate_up, n_cols, BLOCK=block)
     return grad_gate_up
 
 
@@ -105,7 +112,7 @@ def gpt_rope_backward(grad_q, grad_k, grad_v, cos, sin, grad_qkv, seq_len, n_hea
     tl.store(dst + 2 * width + heads * 2 * HALF + j + HALF, tl.load(v_at + HALF, mask=mask), mask=mask)
 
 
-def rope_launch(n_head, head_dim):
+def rope_block_sizes(n_head, head_dim):
     return dict(HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(n_head), BLOCK_P=triton.next_power_of_2(head_dim // 2))
 
 
@@ -115,7 +122,7 @@ def rope_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tup
     qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
     q = qkv.new_empty(B, T, n_head, head_dim)
     k = torch.empty_like(q)
-    torch.library.wrap_triton(gpt_rope_forward)[(B * T,)](qkv, cos, sin, q, k, T, n_head, **rope_launch(n_head, head_dim))
+    launch(gpt_rope_forward, (B * T,))(qkv, cos, sin, q, k, T, n_head, **rope_block_sizes(n_head, head_dim))
     return q, k
 
 
@@ -126,9 +133,9 @@ def rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tens
     grads = [g if g.stride(-1) == 1 else g.contiguous() for g in (grad_q, grad_k, grad_v)]
     strides = [st for g in grads for st in g.stride()[:3]]
     grad_qkv = grad_q.new_empty(B, T, 3, n_head, head_dim)
-    torch.library.wrap_triton(gpt_rope_backward)[(B * T,)](
+    launch(gpt_rope_backward, (B * T,))(
         *grads, cos.float().contiguous(), sin.float().contiguous(), grad_qkv, T, n_head, *strides,
-        **rope_launch(n_head, head_dim))
+        **rope_block_sizes(n_head, head_dim))
     return grad_qkv
 
 
