@@ -422,7 +422,7 @@ def apply_rope(x, cos, sin):
 
 class Attention(nn.Module):
     fused = frozenset()  # set by GPT.use_fused_kernels
-    triton_kernels = kernels is not None  # kernels.py on CUDA while training; GPT.use_triton_kernels
+    triton_kernels = False  # kernels.py on CUDA while training: GPT.use_triton_kernels
 
     def __init__(self, config, gen=0):
         super().__init__()
@@ -464,7 +464,7 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     fused = frozenset()  # set by GPT.use_fused_kernels
-    triton_kernels = kernels is not None  # kernels.py on CUDA; GPT.use_triton_kernels
+    triton_kernels = False  # kernels.py on CUDA while training: GPT.use_triton_kernels
 
     def __init__(self, config, gen=0):
         super().__init__()
@@ -569,11 +569,15 @@ class GPT(nn.Module):
                 m.fused = frozenset(names)
 
     def use_triton_kernels(self, on):
-        """Run RoPE and SwiGLU's backward in kernels.py's Triton kernels on CUDA while training (where Triton is
-        installed: the default), or torch's code only (the reference bench.py checks them against)."""
+        """Run RoPE and SwiGLU's backward in kernels.py's Triton kernels while training, from the next forward, if
+        on and this model is on a GPU that Triton supports (CUDA, compute capability 8.0 or more: not a T4), or
+        torch's code only. Call it after growing: new blocks start without them."""
+        device = next(self.tok_emb.parameters()).device
+        on = (on and kernels is not None and device.type == "cuda"
+              and torch.cuda.get_device_capability(device) >= (8, 0))
         for m in self.modules():
             if isinstance(m, (Attention, FeedForward)):
-                m.triton_kernels = on and kernels is not None
+                m.triton_kernels = on
 
     def compile_parts(self, backend="inductor"):
         """torch.compile every block and the head, not the whole model: growth changes the depth, and

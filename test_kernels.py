@@ -1,6 +1,6 @@
 """kernels.py's Triton kernels against float64 references of the model's own torch code: on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: Triton reads it when a kernel is defined, and model.py
-has imported kernels.py by then), on CUDA in bf16, eager and compiled, and in a model's training step."""
+has imported kernels.py by then), on CUDA in bf16 (eager and compiled) and float16, and in a model's training step."""
 
 import importlib.util
 import os
@@ -67,9 +67,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 @cuda
-@pytest.mark.parametrize("compiled", [False, True])
-def test_kernels_match_torch_on_cuda_in_bf16(compiled):
-    check_kernels("cuda", torch.bfloat16, compiled, 1e-2)
+@pytest.mark.parametrize("dtype, compiled", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)])
+def test_kernels_match_torch_on_cuda(dtype, compiled):
+    check_kernels("cuda", dtype, compiled, 1e-2)
 
 
 @cuda
@@ -81,6 +81,7 @@ def test_a_training_step_with_triton_kernels_matches_torch_code():
     grads = {}
     for on in (True, False):
         model.use_triton_kernels(on)
+        assert model.layers[0].attn.triton_kernels == model.layers[0].ffn.triton_kernels == on
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = model(x, x)
         loss.backward()
