@@ -8,10 +8,10 @@ each eager and compiled (per block and head), each with or without our Triton ke
 SwiGLU's backward (triton_kernels: kernels.py), with today's kernels or liger-kernel's fused ones
 (fused_kernels), and with the attention backend torch picks or flash or cuDNN first (attention).
 A run with Triton kernels (ours or liger's) or another attention backend first checks its loss and
-gradients against torch's own code (eager, no Triton kernels), and is not timed if they differ. A step is micro_steps forward/backward
-passes of batch_size x block_size tokens and one optimizer step, as a training iteration on one
-GPU. MFU counts 6 FLOPs per weight per token plus attention with the causal discount (only the
-lower triangle of the scores is computed).
+gradients against torch's own code (eager, no Triton kernels), and is not timed if they differ.
+A step is micro_steps forward/backward passes of batch_size x block_size tokens and one optimizer
+step, as a training iteration on one GPU. MFU counts 6 FLOPs per weight per token plus attention
+with the causal discount (only the lower triangle of the scores is computed).
 
     python bench.py config/stage1.py
     python bench.py config/stage3.py --variants=fresh --compile_modes=compiled --profile=True  # where the time goes
@@ -58,7 +58,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from grow import condense, grow_model
 from model import GPT, GPTConfig, StaticDecoder, fused_kernel_names, load_fused_kernels
-from model import kernels as our_kernels
 
 # -----------------------------------------------------------------------------
 vocab_size, n_layer, n_head, head_dim, ffn_hidden, block_size = 4096, 10, 5, 128, 1792, 2048
@@ -212,10 +211,11 @@ def train_step(runner, optimizer, x):
     optimizer.zero_grad(set_to_none=True)
 
 
-# Triton kernels (ours, liger's) compared with torch's own code on the same weights and batch, both under bf16 autocast: the loss to
-# LOSS_RTOL, and each gradient to GRAD_RTOL of its norm. bf16 keeps 8 significant bits (0.4%); measured on the CPU,
-# today's eager and compiled code differ by up to 1% of a gradient's norm, and RoPE in float32 (liger's) against
-# today's bf16 RoPE by up to 1.6% (wq, wk; 8 layers, d=512). A wrong layout, scale or gain is off by tens of percent.
+# Triton kernels (ours, liger's) compared with torch's own code on the same weights and batch, under bf16
+# autocast: the loss to LOSS_RTOL, and each gradient to GRAD_RTOL of its norm. bf16 keeps 8 significant bits
+# (0.4%); measured on the CPU, torch's eager and compiled code differ by up to 1% of a gradient's norm, and RoPE
+# in float32 (liger's) against bf16 RoPE by up to 1.6% (wq, wk; 8 layers, d=512). A wrong layout, scale or gain
+# is off by tens of percent.
 LOSS_RTOL, GRAD_RTOL = 1e-3, 0.05
 
 
@@ -240,18 +240,18 @@ def check_kernels(model, reference, kernels, backend, x):
     ref_loss, ref_grads = loss_and_grads(reference, x, 8, "default")
     rel = {n: ((grads[n] - g).norm() / g.norm()).item() for n, g in ref_grads.items()}
     worst = max(rel, key=lambda n: rel[n] if math.isfinite(rel[n]) else math.inf)
-    said = (f"loss {loss:.6f} against torch's code's {ref_loss:.6f}, gradients off by up to {rel[worst]:.2%} of their norm "
-            f"(worst: {worst})")
+    said = (f"loss {loss:.6f} against torch's code's {ref_loss:.6f}, gradients off by up to {rel[worst]:.2%} of "
+            f"their norm (worst: {worst})")
     if not (abs(loss - ref_loss) <= LOSS_RTOL * abs(ref_loss) and rel[worst] <= GRAD_RTOL):
-        raise SystemExit(f"{kernels} is not the model torch's own code runs: {said}; tolerances {LOSS_RTOL:g} on the loss, "
-                         f"{GRAD_RTOL:.0%} on a gradient: not timed")
+        raise SystemExit(f"{kernels} is not the model torch's own code runs: {said}; tolerances {LOSS_RTOL:g} on the "
+                         f"loss, {GRAD_RTOL:.0%} on a gradient: not timed")
     if rank == 0:
         print(f"{kernels} checked: {said}", flush=True)
 
 
 def unfused_copy(model):
     """Draw model's weights afresh (gains around 1, no zero strips: every path carries a gradient, and a kernel
-    that ignored a gain would show) and return a copy that runs torch's own code (no Triton kernels)."""
+    that ignored a gain would show) and return a copy that runs torch's own code, without Triton kernels."""
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(mean=1.0 if p.dim() == 1 else 0.0, std=0.2 if p.dim() == 1 else 0.02)
@@ -260,15 +260,16 @@ def unfused_copy(model):
     return reference
 
 
-KERNEL_KINDS = [("ours (kernels.py)", r"^gpt_"), ("liger", r"^_rms_norm|^_triton_rope|^_swiglu|liger_cross_entropy|element_mul"),
+KERNEL_KINDS = [("ours (kernels.py)", r"^gpt_"),
+                ("liger", r"^_rms_norm|^_triton_rope|^_swiglu|liger_cross_entropy|element_mul"),
                 ("attention (cuDNN)", r"cudnn"), ("attention", r"sdpa|flash|fmha|attn"),
                 ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|matmul"),
                 ("adamw", r"adam"), ("elementwise (inductor)", r"^triton_")]
 
 
 def profile_kernels(step, steps=3, top=8):
-    """GPU time per step by kind of kernel (by name: cuBLAS, cuDNN, inductor's Triton, AdamW), in ms, and the
-    slowest kernels of the other kinds, [(name, launches per step, ms)]: inductor names a kernel by the ops it
+    """GPU time per step by kind of kernel (by name: ours, liger's, cuBLAS, cuDNN, inductor's Triton, AdamW), in ms,
+    and the slowest kernels of the other kinds, [(name, launches per step, ms)]: inductor names a kernel by the ops it
     fused, and kernels of one name are summed."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -285,24 +286,25 @@ def profile_kernels(step, steps=3, top=8):
     return kinds, sorted(rest, key=lambda kernel: -kernel[2])[:top]
 
 
-def bench(variant, compiled, spec, backend, triton):
+def bench(variant, compiled, spec, backend, triton_run):
     torch.manual_seed(0)
     torch._dynamo.reset()  # no graphs or dynamic-shape decisions carried over from the previous variant
     model = build(variant).to(device)
     fused = runs[spec]
-    ours = triton == "on" and our_kernels is not None
+    ours = model.use_triton_kernels(triton_run == "on")  # off where they cannot run: the row then says so
+    triton_run = "on" if ours else "off"
     checked = fused or backend != "default" or ours
     reference = unfused_copy(model) if checked else None
     model.use_fused_kernels(fused)
-    model.use_triton_kernels(ours)
     if compiled:
         model.compile_parts()
     batch = fused_batch_size if fused and fused_batch_size else batch_size
     x = torch.randint(0, vocab_size, (batch, block_size), device=device)
+    torch._dynamo.utils.counters.clear()  # the check compiles the graphs the timed steps run, at the same shapes
     if checked:
-        check_kernels(model, reference, f"triton_kernels={triton} fused_kernels={spec} attention={backend}", backend, x)
+        check_kernels(model, reference, f"triton_kernels={triton_run} fused_kernels={spec} attention={backend}",
+                      backend, x)
         del reference
-    torch._dynamo.utils.counters.clear()  # the timed run's graphs, not the check's
     if fsdp:
         model.shard(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, fused=True)
@@ -322,14 +324,15 @@ def bench(variant, compiled, spec, backend, triton):
             kernel_ms, slowest = profile_kernels(lambda: train_step(runner, optimizer, x))
             if rank == 0:
                 kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in kernel_ms.items())
-                print(f"{variant} {'compiled' if compiled else 'eager'} triton={triton} fused={spec} attention={backend}: of "
+                print(f"{variant} {'compiled' if compiled else 'eager'} triton={triton_run} fused={spec} "
+                      f"attention={backend}: of "
                       f"{1e3 * dt:.1f} ms/step, GPU kernels {kinds}", flush=True)
                 print("  the slowest kernels that are not GEMMs, attention or AdamW:")
                 for name, launches, ms in slowest:
                     print(f"    {ms:6.2f} ms in {launches:3d} launches  {name[:100]}", flush=True)
     tok_per_s = micro_steps * batch * block_size / dt  # per GPU
     counters = torch._dynamo.utils.counters
-    return dict(variant=variant, compiled=compiled, triton_kernels=triton, fused_kernels=spec, attention=backend,
+    return dict(variant=variant, compiled=compiled, triton_kernels=triton_run, fused_kernels=spec, attention=backend,
                 attention_picked=picked, batch_size=batch, gpus=world,
                 blocks=sum(1 for _ in model.parameters()), step_ms=1e3 * dt, tok_per_s_per_gpu=tok_per_s,
                 mfu=model.flops_per_token(block_size) * tok_per_s / peak_flops,
@@ -340,11 +343,12 @@ def bench(variant, compiled, spec, backend, triton):
 results = []
 for variant in variants.split(","):
     for mode in compile_modes.split(","):
-        for spec, backend, triton in itertools.product(runs, attention.split(","), triton_kernels.split(",")):
-            r = bench(variant, mode == "compiled", spec, backend, triton)
+        for spec, backend, triton_run in itertools.product(runs, attention.split(","), triton_kernels.split(",")):
+            r = bench(variant, mode == "compiled", spec, backend, triton_run)
             results.append(r)
             if rank == 0:  # graph breaks: the fused cross-entropy's one is on purpose (torch.compiler.disable)
-                print(f"{variant:9s} {mode:8s} triton={triton:3s} fused={spec:5s} attention {backend}: {r['attention_picked']:<15s} "
+                print(f"{variant:9s} {mode:8s} triton={r['triton_kernels']:3s} fused={spec:5s} attention {backend}: "
+                      f"{r['attention_picked']:<15s} "
                       f"batch {r['batch_size']:3d} {r['blocks']:4d} blocks  "
                       f"{r['step_ms']:8.1f} ms/step  {r['tok_per_s_per_gpu']:10,.0f} tok/s/GPU  "
                       f"MFU {100 * r['mfu']:5.1f}%  graphs {r['compiled_frames']} breaks {r['graph_breaks']}  "

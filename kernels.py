@@ -2,8 +2,9 @@
 Triton kernels for the two places where inductor's code runs well below memory bandwidth: SwiGLU's backward
 (it writes the gradients of gate and up, the two halves of one GEMM output, at half the rate of a copy) and
 RoPE on q and k (forward and backward; the backward took two passes). Each reads and writes every byte once.
-model.py uses them on CUDA while training (GPT.use_triton_kernels turns them off); elsewhere, and for the
-reference they are tested against, the model's own torch code runs. Measured on one H200 (README, Speed).
+model.py uses them on CUDA while training once GPT.use_triton_kernels turned them on (train.py and bench.py do);
+elsewhere, and for the reference they are tested against, the model's own torch code runs. Measured on one
+H200 (README, Speed).
 Triton's interpreter (TRITON_INTERPRET=1) runs them on the CPU, which is how test_kernels.py checks them
 without a GPU.
 """
@@ -112,8 +113,13 @@ def gpt_rope_backward(grad_q, grad_k, grad_v, cos, sin, grad_qkv, seq_len, n_hea
     tl.store(dst + 2 * width + heads * 2 * HALF + j + HALF, tl.load(v_at + HALF, mask=mask), mask=mask)
 
 
-def rope_block_sizes(n_head, head_dim):
-    return dict(HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(n_head), BLOCK_P=triton.next_power_of_2(head_dim // 2))
+def rope_constants(n_head, head_dim, cos, sin, seq_len):
+    """The kernels' compile-time constants; refuses the shapes they would read wrongly."""
+    if head_dim % 2 or not tuple(cos.shape) == tuple(sin.shape) == (seq_len, head_dim // 2):
+        raise ValueError(f"RoPE needs an even head_dim and cos, sin of (seq_len, head_dim/2): head_dim {head_dim}, "
+                         f"seq_len {seq_len}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+    half = head_dim // 2
+    return dict(HALF=half, BLOCK_H=triton.next_power_of_2(n_head), BLOCK_P=triton.next_power_of_2(half))
 
 
 @torch.library.triton_op("gpt::rope_forward", mutates_args=())
@@ -122,7 +128,8 @@ def rope_forward(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tup
     qkv, cos, sin = qkv.contiguous(), cos.float().contiguous(), sin.float().contiguous()
     q = qkv.new_empty(B, T, n_head, head_dim)
     k = torch.empty_like(q)
-    launch(gpt_rope_forward, (B * T,))(qkv, cos, sin, q, k, T, n_head, **rope_block_sizes(n_head, head_dim))
+    constants = rope_constants(n_head, head_dim, cos, sin, T)
+    launch(gpt_rope_forward, (B * T,))(qkv, cos, sin, q, k, T, n_head, **constants)
     return q, k
 
 
@@ -135,7 +142,7 @@ def rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tens
     grad_qkv = grad_q.new_empty(B, T, 3, n_head, head_dim)
     launch(gpt_rope_backward, (B * T,))(
         *grads, cos.float().contiguous(), sin.float().contiguous(), grad_qkv, T, n_head, *strides,
-        **rope_block_sizes(n_head, head_dim))
+        **rope_constants(n_head, head_dim, cos, sin, T))
     return grad_qkv
 
 

@@ -2,9 +2,9 @@
 A Llama-2-style GPT whose weights can grow.
 
 Architecture (Llama 2): RMSNorm pre-norm, SwiGLU FFN, RoPE, causal attention through
-F.scaled_dot_product_attention, no biases, untied embedding and lm_head. On CUDA, while training, RoPE and
-SwiGLU's backward run in our Triton kernels (kernels.py; use_triton_kernels), and use_fused_kernels can run
-the norms, RoPE, SwiGLU and the head's loss through liger-kernel's instead (optional).
+F.scaled_dot_product_attention, no biases, untied embedding and lm_head. On CUDA, use_triton_kernels runs
+RoPE and SwiGLU's backward in our Triton kernels while training (kernels.py; train.py and bench.py turn them
+on), and use_fused_kernels the norms, RoPE, SwiGLU and the head's loss in liger-kernel's (optional).
 
 Growth (see grow.py and GROWTH.md sections 1-2): every weight is a `Growable`, which keeps
 one nn.Parameter per *generation block*: the rectangle it was born with, then for every
@@ -26,6 +26,7 @@ block into one folds it in and drops it.
 
 import errno
 import functools
+import importlib.util
 import math
 import os
 import re
@@ -36,10 +37,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-try:  # our Triton kernels (kernels.py): torch's CUDA builds ship Triton, its CPU builds do not
-    import kernels
-except ImportError:
-    kernels = None
+kernels = None  # kernels.py, our Triton kernels, imported by GPT.use_triton_kernels: Triton takes a second to import
 
 # -----------------------------------------------------------------------------
 # growable weights
@@ -435,12 +433,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         # one GEMM for q, k and v: copying the weights together costs less than the two GEMMs it saves
         qkv = linear(x, self.wq, self.wk, self.wv).view(B, T, 3, self.n_head, self.head_dim)
-        if self.triton_kernels and "rope" not in self.fused and qkv.is_cuda and cache is None and torch.is_grad_enabled():
-            # one pass over q and k each way, where inductor's backward took two (README, Speed)
+        ours = self.triton_kernels and "rope" not in self.fused and cache is None and torch.is_grad_enabled()
+        if ours and qkv.is_cuda:  # one pass over q and k each way, where inductor's backward took two (README, Speed)
             q, k, v = (t.transpose(1, 2) for t in kernels.RotaryQKV.apply(qkv, cos, sin))
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
-            if "rope" in self.fused:  # liger: one kernel rotates both; cos and sin cover half a head, rotary_dim says so
+            if "rope" in self.fused:  # liger: one kernel rotates both; cos, sin cover half a head: rotary_dim says so
                 q, k = LIGER["rope"].apply(q, k, cos, sin, None, 1, self.head_dim)
             else:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -477,7 +475,7 @@ class FeedForward(nn.Module):
         gate_up = linear(x, self.w1, self.w3)  # one GEMM, as qkv
         if "swiglu" in self.fused:  # reads gate and up where the GEMM wrote them; its backward wants 2-D rows
             hidden = LIGER["swiglu"].apply(gate_up.flatten(0, -2)).view(*gate_up.shape[:-1], -1)
-        elif self.triton_kernels and gate_up.is_cuda and torch.is_grad_enabled():  # inductor's backward ran at half a copy's rate
+        elif self.triton_kernels and gate_up.is_cuda and torch.is_grad_enabled():  # a backward in one pass (kernels.py)
             hidden = kernels.SwiGLU.apply(gate_up)
         else:
             gate, up = gate_up.unflatten(-1, (2, -1)).unbind(-2)
@@ -570,14 +568,19 @@ class GPT(nn.Module):
 
     def use_triton_kernels(self, on):
         """Run RoPE and SwiGLU's backward in kernels.py's Triton kernels while training, from the next forward, if
-        on and this model is on a GPU that Triton supports (CUDA, compute capability 8.0 or more: not a T4), or
-        torch's code only. Call it after growing: new blocks start without them."""
+        on and this model is on a GPU that Triton supports (CUDA, compute capability 8.0 or more: not a T4) and
+        Triton is installed, or torch's code only. Returns whether they run. Call it after growing: new blocks
+        start without them."""
+        global kernels
         device = next(self.tok_emb.parameters()).device
-        on = (on and kernels is not None and device.type == "cuda"
-              and torch.cuda.get_device_capability(device) >= (8, 0))
+        on = (on and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+              and importlib.util.find_spec("triton") is not None)
+        if on:
+            import kernels
         for m in self.modules():
             if isinstance(m, (Attention, FeedForward)):
                 m.triton_kernels = on
+        return on
 
     def compile_parts(self, backend="inductor"):
         """torch.compile every block and the head, not the whole model: growth changes the depth, and
