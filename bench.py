@@ -5,7 +5,7 @@ CUDA events. In one run it compares, for the shape of a config:
     grown      the same shape reached by growing through three generations, blocks not condensed
     condensed  the grown model with its blocks merged into one per weight
 each eager and compiled (per block and head), each with or without our Triton kernels for RoPE and
-SwiGLU's backward (triton_kernels: kernels.py), with today's kernels or liger-kernel's fused ones
+SwiGLU's backward (triton_kernels: gpt_kernels.py), with today's kernels or liger-kernel's fused ones
 (fused_kernels), and with the attention backend torch picks or flash or cuDNN first (attention).
 A run with Triton kernels (ours or liger's) or another attention backend first checks its loss and
 gradients against torch's own code (eager, no Triton kernels), and is not timed if they differ.
@@ -70,7 +70,7 @@ peak_flops = 989e12
 peak_flops_name = "H100/H200 SXM bf16 dense"
 out_json = ""  # also write the results here
 profile = False  # after timing, profile 3 steps: GPU time by kind of kernel, and the slowest elementwise kernels
-triton_kernels = "on"  # comma-separated runs: 'on' (today's code: kernels.py's RoPE and SwiGLU backward), 'off'
+triton_kernels = "on"  # comma-separated runs: 'on' (today's code: gpt_kernels.py's RoPE and SwiGLU backward), 'off'
 fused_kernels = "none"  # comma-separated runs, each 'none', 'all' or ops of model.FUSABLE joined by '+'
 attention = "default"  # comma-separated runs, each 'default' (torch's own order: today's code), 'flash' or 'cudnn'
 fused_batch_size = 0  # the fused runs' micro-batch (0: batch_size): the fused cross-entropy holds no logits
@@ -260,7 +260,7 @@ def unfused_copy(model):
     return reference
 
 
-KERNEL_KINDS = [("ours (kernels.py)", r"^gpt_"),
+KERNEL_KINDS = [("ours (gpt_kernels.py)", r"^gpt_"),
                 ("liger", r"^_rms_norm|^_triton_rope|^_swiglu|liger_cross_entropy|element_mul"),
                 ("attention (cuDNN)", r"cudnn"), ("attention", r"sdpa|flash|fmha|attn"),
                 ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|matmul"),

@@ -3,8 +3,8 @@ A Llama-2-style GPT whose weights can grow.
 
 Architecture (Llama 2): RMSNorm pre-norm, SwiGLU FFN, RoPE, causal attention through
 F.scaled_dot_product_attention, no biases, untied embedding and lm_head. On CUDA, use_triton_kernels runs
-RoPE and SwiGLU's backward in our Triton kernels while training (kernels.py; train.py and bench.py turn them
-on), and use_fused_kernels the norms, RoPE, SwiGLU and the head's loss in liger-kernel's (optional).
+RoPE and SwiGLU's backward in our Triton kernels while training (gpt_kernels.py; train.py and bench.py turn
+them on), and use_fused_kernels the norms, RoPE, SwiGLU and the head's loss in liger-kernel's (optional).
 
 Growth (see grow.py and GROWTH.md sections 1-2): every weight is a `Growable`, which keeps
 one nn.Parameter per *generation block*: the rectangle it was born with, then for every
@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-kernels = None  # kernels.py, our Triton kernels, imported by GPT.use_triton_kernels: Triton takes a second to import
+gpt_kernels = None  # our Triton kernels, imported by GPT.use_triton_kernels: Triton takes a second to import
 
 # -----------------------------------------------------------------------------
 # growable weights
@@ -420,7 +420,7 @@ def apply_rope(x, cos, sin):
 
 class Attention(nn.Module):
     fused = frozenset()  # set by GPT.use_fused_kernels
-    triton_kernels = False  # kernels.py on CUDA while training: GPT.use_triton_kernels
+    triton_kernels = False  # gpt_kernels.py on CUDA while training: GPT.use_triton_kernels
 
     def __init__(self, config, gen=0):
         super().__init__()
@@ -435,7 +435,7 @@ class Attention(nn.Module):
         qkv = linear(x, self.wq, self.wk, self.wv).view(B, T, 3, self.n_head, self.head_dim)
         ours = self.triton_kernels and "rope" not in self.fused and cache is None and torch.is_grad_enabled()
         if ours and qkv.is_cuda:  # one pass over q and k each way, where inductor's backward took two (README, Speed)
-            q, k, v = (t.transpose(1, 2) for t in kernels.RotaryQKV.apply(qkv, cos, sin))
+            q, k, v = (t.transpose(1, 2) for t in gpt_kernels.RotaryQKV.apply(qkv, cos, sin))
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, n_head, T, head_dim)
             if "rope" in self.fused:  # liger: one kernel rotates both; cos, sin cover half a head: rotary_dim says so
@@ -462,7 +462,7 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     fused = frozenset()  # set by GPT.use_fused_kernels
-    triton_kernels = False  # kernels.py on CUDA while training: GPT.use_triton_kernels
+    triton_kernels = False  # gpt_kernels.py on CUDA while training: GPT.use_triton_kernels
 
     def __init__(self, config, gen=0):
         super().__init__()
@@ -475,8 +475,8 @@ class FeedForward(nn.Module):
         gate_up = linear(x, self.w1, self.w3)  # one GEMM, as qkv
         if "swiglu" in self.fused:  # reads gate and up where the GEMM wrote them; its backward wants 2-D rows
             hidden = LIGER["swiglu"].apply(gate_up.flatten(0, -2)).view(*gate_up.shape[:-1], -1)
-        elif self.triton_kernels and gate_up.is_cuda and torch.is_grad_enabled():  # a backward in one pass (kernels.py)
-            hidden = kernels.SwiGLU.apply(gate_up)
+        elif self.triton_kernels and gate_up.is_cuda and torch.is_grad_enabled():  # a one-pass backward
+            hidden = gpt_kernels.SwiGLU.apply(gate_up)
         else:
             gate, up = gate_up.unflatten(-1, (2, -1)).unbind(-2)
             hidden = F.silu(gate) * up
@@ -567,16 +567,16 @@ class GPT(nn.Module):
                 m.fused = frozenset(names)
 
     def use_triton_kernels(self, on):
-        """Run RoPE and SwiGLU's backward in kernels.py's Triton kernels while training, from the next forward, if
-        on and this model is on a GPU that Triton supports (CUDA, compute capability 8.0 or more: not a T4) and
+        """Run RoPE and SwiGLU's backward in gpt_kernels.py's Triton kernels while training, from the next forward,
+        if on and this model is on a GPU that Triton supports (CUDA, compute capability 8.0 or more: not a T4) and
         Triton is installed, or torch's code only. Returns whether they run. Call it after growing: new blocks
         start without them."""
-        global kernels
+        global gpt_kernels
         device = next(self.tok_emb.parameters()).device
         on = (on and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
               and importlib.util.find_spec("triton") is not None)
         if on:
-            import kernels
+            import gpt_kernels
         for m in self.modules():
             if isinstance(m, (Attention, FeedForward)):
                 m.triton_kernels = on

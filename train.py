@@ -96,7 +96,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
 compile = False
 activation_checkpointing = False  # recompute each block's activations in backward: ~1/3 more compute, far less memory
-triton_kernels = True  # RoPE and SwiGLU's backward in kernels.py's Triton kernels (CUDA, Ampere on); False: torch's
+triton_kernels = True  # RoPE and SwiGLU's backward in gpt_kernels.py (CUDA, Ampere on); False: torch's
 fused_kernels = ""  # 'all', or ops of model.FUSABLE joined by '+', run by liger-kernel's Triton kernels (CUDA; optional)
 parallelism = "ddp"  # 'ddp' (replicate) | 'fsdp' (FSDP2: shard every block and the root; past one GPU's memory)
 peak_flops = 989e12  # per GPU, for MFU
@@ -624,7 +624,7 @@ flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
 log(f"{raw_model.get_num_params():,} parameters, generations {raw_model.generations()}, "
     f"{tokens_per_iter:,} tokens/iter, {flops_per_iter / tokens_per_iter / 1e6:.1f} MFLOPs/token "
     f"(6N + causal attention)" + (f"; MFU against {peak_flops / 1e12:.0f} TFLOP/s ({peak_flops_name}) per GPU; "
-                                  f"kernels.py's Triton kernels {'on' if triton_on else 'off'}"
+                                  f"gpt_kernels.py's Triton kernels {'on' if triton_on else 'off'}"
                                   if device_type == "cuda" else ""))  # the CPU log shows no MFU
 
 if parent is not None:  # function preservation in practice: the parent's tier, restricted, then this tier

@@ -1,6 +1,7 @@
-"""kernels.py's Triton kernels against float64 references of the model's own torch code: on the CPU through
+"""gpt_kernels.py's Triton kernels against float64 references of the model's own torch code: on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1, in a subprocess: Triton reads it when a kernel is defined, and model.py
-has imported kernels.py by then), on CUDA in bf16 (eager and compiled) and float16, and in a model's training step."""
+has imported gpt_kernels.py by then), on CUDA in bf16 (eager and compiled) and float16, and in a model's training
+step."""
 
 import importlib.util
 import os
@@ -24,9 +25,9 @@ def relative_error(got, want):
 def assert_kernels_match_float64(device, dtype, compiled, tolerance):
     """SwiGLU's gradient and RotaryQKV's values and gradient at shapes whose widths are not powers of two (masked
     lanes), against the model's torch code in float64; AssertionError names the first that is off."""
-    import kernels
+    import gpt_kernels
     torch.manual_seed(0)
-    swiglu, rotary = kernels.SwiGLU.apply, kernels.RotaryQKV.apply
+    swiglu, rotary = gpt_kernels.SwiGLU.apply, gpt_kernels.RotaryQKV.apply
     if compiled:
         swiglu, rotary = torch.compile(swiglu), torch.compile(rotary)
     for rows, width in [(7, 100), (3, 1100)]:  # one masked block of columns; two, the second masked
@@ -59,7 +60,8 @@ def assert_kernels_match_float64(device, dtype, compiled, tolerance):
 
 
 def test_kernels_match_torch_under_triton_interpreter():
-    code = "import torch, test_kernels; test_kernels.assert_kernels_match_float64('cpu', torch.float32, False, 1e-5)"
+    code = ("import torch, test_gpt_kernels; "
+            "test_gpt_kernels.assert_kernels_match_float64('cpu', torch.float32, False, 1e-5)")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "1"},
                           cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -84,10 +86,10 @@ def test_a_training_step_with_triton_kernels_matches_torch_code(monkeypatch):
     grads = {}
     for on in (True, False):
         assert model.use_triton_kernels(on) == on
-        import kernels
+        import gpt_kernels
         calls = []
         for name in ("SwiGLU", "RotaryQKV"):  # count the Functions' calls: the kernels ran, or did not
-            function = getattr(kernels, name)
+            function = getattr(gpt_kernels, name)
             monkeypatch.setattr(function, "apply", lambda *a, f=function.apply, n=name: calls.append(n) or f(*a))
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = model(x, x)

@@ -5,7 +5,7 @@ RoPE on q and k (forward and backward; the backward took two passes). Each reads
 model.py uses them on CUDA while training once GPT.use_triton_kernels turned them on (train.py and bench.py do);
 elsewhere, and for the reference they are tested against, the model's own torch code runs. Measured on one
 H200 (README, Speed).
-Triton's interpreter (TRITON_INTERPRET=1) runs them on the CPU, which is how test_kernels.py checks them
+Triton's interpreter (TRITON_INTERPRET=1) runs them on the CPU, which is how test_gpt_kernels.py checks them
 without a GPU.
 """
 
@@ -18,7 +18,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 def launch(kernel, grid):
     """kernel[grid], wrapped so that torch.compile traces the launch; under Triton's interpreter (TRITON_INTERPRET=1:
-    test_kernels.py on the CPU) as it is, as torch 2.11's wrap_triton refuses an interpreted kernel."""
+    test_gpt_kernels.py on the CPU) as it is, as torch 2.11's wrap_triton refuses an interpreted kernel."""
     return (kernel if isinstance(kernel, InterpretedFunction) else torch.library.wrap_triton(kernel))[grid]
 
 
@@ -161,3 +161,4 @@ class RotaryQKV(torch.autograd.Function):
     def backward(ctx, grad_q, grad_k, grad_v):
         cos, sin = ctx.saved_tensors
         return rope_backward(grad_q, grad_k, grad_v, cos, sin), None, None
+
