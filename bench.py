@@ -69,7 +69,7 @@ compile_modes = "eager,compiled"
 peak_flops = 989e12
 peak_flops_name = "H100/H200 SXM bf16 dense"
 out_json = ""  # also write the results here
-profile = False  # after timing, profile 3 steps: GPU time by kind of kernel, and the slowest elementwise kernels
+profile = False  # after timing, profile 3 steps: GPU time by kind of kernel, the slowest GEMMs and elementwise kernels
 triton_kernels = "on"  # comma-separated runs: 'on' (today's code: gpt_kernels.py's RoPE and SwiGLU backward), 'off'
 fused_kernels = "none"  # comma-separated runs, each 'none', 'all' or ops of model.FUSABLE joined by '+'
 attention = "default"  # comma-separated runs, each 'default' (torch's own order: today's code), 'flash' or 'cudnn'
@@ -267,23 +267,23 @@ KERNEL_KINDS = [("ours (gpt_kernels.py)", r"^gpt_"),
                 ("adamw", r"adam"), ("elementwise (inductor)", r"^triton_")]
 
 
-def profile_kernels(step, steps=3, top=8):
+def profile_kernels(step, steps=3, top=12):
     """GPU time per step by kind of kernel (by name: ours, liger's, cuBLAS, cuDNN, inductor's Triton, AdamW), in ms,
-    and the slowest kernels of the other kinds, [(name, launches per step, ms)]: inductor names a kernel by the ops it
-    fused, and kernels of one name are summed."""
+    and the slowest GEMMs and the slowest kernels of the other kinds (not attention or AdamW), each
+    [(name, launches per step, ms)]: inductor names a kernel by the ops it fused, and kernels of one name are summed."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     kinds = dict.fromkeys([k for k, _ in KERNEL_KINDS] + ["other"], 0.0)
-    rest = []
+    gemms, rest = [], []
     for event in prof.key_averages():
         kind = next((k for k, pattern in KERNEL_KINDS if re.search(pattern, event.key, re.I)), "other")
         ms = event.self_device_time_total / steps / 1e3
         kinds[kind] += ms
-        if kind not in ("gemm", "attention", "attention (cuDNN)", "adamw"):
-            rest.append((event.key, event.count // steps, ms))
-    return kinds, sorted(rest, key=lambda kernel: -kernel[2])[:top]
+        if kind not in ("attention", "attention (cuDNN)", "adamw"):
+            (gemms if kind == "gemm" else rest).append((event.key, event.count // steps, ms))
+    return kinds, *(sorted(kernels, key=lambda kernel: -kernel[2])[:top] for kernels in (gemms, rest))
 
 
 def bench(variant, compiled, spec, backend, triton_run):
@@ -321,15 +321,16 @@ def bench(variant, compiled, spec, backend, triton_run):
         torch.cuda.synchronize()
         dt = start.elapsed_time(end) / 1e3 / timed_steps
         if profile:  # every rank steps (DDP all-reduces), rank 0 reports
-            kernel_ms, slowest = profile_kernels(lambda: train_step(runner, optimizer, x))
+            kernel_ms, gemms, slowest = profile_kernels(lambda: train_step(runner, optimizer, x))
             if rank == 0:
                 kinds = ", ".join(f"{k} {v:.1f} ms" for k, v in kernel_ms.items())
                 print(f"{variant} {'compiled' if compiled else 'eager'} triton={triton_run} fused={spec} "
                       f"attention={backend}: of "
                       f"{1e3 * dt:.1f} ms/step, GPU kernels {kinds}", flush=True)
-                print("  the slowest kernels that are not GEMMs, attention or AdamW:")
-                for name, launches, ms in slowest:
-                    print(f"    {ms:6.2f} ms in {launches:3d} launches  {name[:100]}", flush=True)
+                for kind, kernels in [("GEMMs", gemms), ("kernels that are not GEMMs, attention or AdamW", slowest)]:
+                    print(f"  the slowest {kind}:")
+                    for name, launches, ms in kernels:
+                        print(f"    {ms:6.2f} ms in {launches:3d} launches  {name[:100]}", flush=True)
     tok_per_s = micro_steps * batch * block_size / dt  # per GPU
     counters = torch._dynamo.utils.counters
     return dict(variant=variant, compiled=compiled, triton_kernels=triton_run, fused_kernels=spec, attention=backend,
