@@ -1,10 +1,12 @@
 """Tests for the KV cache, sample.py and export.py, on a three-generation grown tiny model."""
 import copy
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,15 @@ from model import (CHECKPOINT_FORMAT, GPT, GPTConfig, StaticDecoder, load_checkp
 from prepare import LLAMA2_PATH as LLAMA2, load_tokenizer
 
 TIER = 1024
+
+
+def test_no_file_of_ours_shadows_an_installed_package():
+    """Our folder comes first on sys.path, so a file named as an installed package replaces it for every library:
+    transformers 5 imports the `kernels` package (Hugging Face's, which it installs), and our kernels.py, since
+    renamed gpt_kernels.py, broke export with 'cannot import name CUDAProperties from kernels'."""
+    ours = {path.stem for path in Path(__file__).parent.glob("*.py")}
+    shadowed = ours & importlib.metadata.packages_distributions().keys()
+    assert not shadowed, f"rename {sorted(shadowed)}: installed packages of that name would import our file instead"
 
 
 @pytest.fixture(scope="module")
